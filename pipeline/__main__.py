@@ -1,0 +1,5 @@
+"""`python -m pipeline` is `eob`."""
+
+from pipeline.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""`eob`: a subcommand per stage, `eob run` for all of them on a drop, and `eob demo`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import track as rich_track
+from rich.table import Table
+
+from pipeline.config import Settings, load_settings
+from pipeline.runner import STAGES, finish_run, run_all, run_stage, start_run
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def progress(items: Iterable[T], description: str, total: int) -> Iterable[T]:
+    return rich_track(items, description=description, total=total, console=console, transient=True)
+
+
+@click.group()
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML settings file (else EOB_CONFIG, else the embedded defaults).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
+    """Deliver Explanation of Benefits statements by secure email."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = load_settings(config)
+
+
+@main.command()
+@click.argument("drop", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.pass_obj
+def start(settings: Settings, drop: Path) -> None:
+    """Start a run on DROP (a landing folder of <insurer>/<file>) and print its id."""
+    click.echo(start_run(settings, drop))
+
+
+def _stage_command(stage: str) -> click.Command:
+    @click.pass_obj
+    def command(settings: Settings, run_id: str) -> None:
+        _print_counts(stage, run_stage(settings, run_id, stage, progress))
+
+    command.__doc__ = f"Run the {stage} stage of RUN_ID."
+    return click.command(stage)(click.argument("run_id")(command))
+
+
+for _stage in STAGES:
+    main.add_command(_stage_command(_stage))
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_obj
+def finish(settings: Settings, run_id: str) -> None:
+    """Mark RUN_ID finished and print its summary."""
+    _print_counts(run_id, finish_run(settings, run_id))
+
+
+@main.command()
+@click.argument("drop", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.pass_obj
+def run(settings: Settings, drop: Path) -> None:
+    """Run every stage on DROP."""
+    run_id, summary = run_all(settings, drop, progress)
+    _print_counts(run_id, summary)
+    _print_datasets(settings)
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("var/demo"),
+    show_default=True,
+    help="Demo data directory; emptied first.",
+)
+@click.pass_obj
+def demo(settings: Settings, data_dir: Path) -> None:
+    """Run the whole pipeline on the bundled sample drop against a local TLS SMTP sink."""
+    from pipeline.demo import run_demo
+
+    result = run_demo(replace(settings, data_dir=data_dir), progress)
+    _print_counts(f"demo run {result.run_id}", result.summary)
+    _print_datasets(result.settings)
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Port (default: the smtp_port setting).")
+@click.pass_obj
+def sink(settings: Settings, port: int | None) -> None:
+    """Run the local TLS SMTP sink in the foreground (Ctrl-C stops it)."""
+    import threading
+
+    from pipeline.demo import unknown_mailboxes
+    from pipeline.sink import start_sink
+
+    with start_sink(
+        settings.smtp_host, port or settings.smtp_port, settings.data_dir, unknown_mailboxes()
+    ) as certs:
+        click.echo(f"sink on {settings.smtp_host}:{port or settings.smtp_port}, CA {certs.ca_file}")
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+def _print_counts(title: str, counts: dict[str, int]) -> None:
+    table = Table(title=title, show_header=False)
+    for name, value in counts.items():
+        table.add_row(name.replace("_", " "), str(value))
+    Console().print(table)
+
+
+def _print_datasets(settings: Settings) -> None:
+    for name in ("delivery_facts", "audit_events"):
+        click.echo(f"{name}: {(settings.datasets_dir / name).resolve()}")

@@ -1,0 +1,144 @@
+"""One typed settings object: embedded defaults, an optional TOML file, then EOB_* environment.
+
+Secrets (the at-rest key, SMTP credentials) come from the environment only.
+Bad configuration fails fast with a ConfigError naming the setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SendingIp:
+    # Source address the SMTP connection is bound to (a dedicated IP; loopback locally).
+    address: str
+    # Name announced in EHLO; must resolve back to `address` in production (FCrDNS).
+    ehlo_name: str
+    # Share of traffic relative to the other IPs of the pool.
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Root of every file the pipeline writes; PHI files never leave it.
+    data_dir: Path = Path("var")
+    # SQLAlchemy URL of the delivery ledger; empty means SQLite inside data_dir.
+    database_url: str = ""
+    # Relay or sink every message is handed to (direct-to-MX comes with the send engine).
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 8025
+    # Trust store used to verify the receiver's certificate; empty means data_dir/sink/ca.pem.
+    tls_ca_file: str = ""
+    # Seconds before an SMTP connection or command gives up.
+    smtp_timeout: float = 30.0
+    # Dedicated sending IPs; at least two so one IP's reputation problem never stops delivery.
+    sending_ips: tuple[SendingIp, ...] = (
+        SendingIp("127.0.0.2", "mta1.eob.example.com"),
+        SendingIp("127.0.0.3", "mta2.eob.example.com"),
+    )
+    # Visible From address of every EOB email.
+    from_address: str = "statements@eob.example.com"
+    # Domain of the VERP return path: bounces+<message token>@<domain>.
+    return_path_domain: str = "bounces.eob.example.com"
+    # Plan name shown on the document and in the email.
+    plan_name: str = "Example Health Plan"
+
+    @property
+    def ledger_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'ledger.db'}"
+
+    @property
+    def ca_file(self) -> Path:
+        return Path(self.tls_ca_file) if self.tls_ca_file else self.data_dir / "sink" / "ca.pem"
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.data_dir / "landing"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def return_path_maildir(self) -> Path:
+        return self.data_dir / "returnpath"
+
+    @property
+    def sink_maildir(self) -> Path:
+        return self.data_dir / "sink" / "inbox"
+
+
+_SCALARS = {f.name: f for f in fields(Settings) if f.name != "sending_ips"}
+
+
+def load_settings(
+    config_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults, then `config_file` (TOML), then EOB_<SETTING> environment variables."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or (Path(environ["EOB_CONFIG"]) if environ.get("EOB_CONFIG") else None)
+    if path is not None:
+        try:
+            values.update(tomllib.loads(path.read_text(encoding="utf-8")))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"reading {path}: {err}") from err
+    for name in _SCALARS:
+        env_name = f"EOB_{name.upper()}"
+        if env_name in environ:
+            values[name] = environ[env_name]
+    return _build(values)
+
+
+def _build(values: dict[str, Any]) -> Settings:
+    settings = Settings()
+    for name, value in values.items():
+        if name == "sending_ips":
+            settings = replace(settings, sending_ips=_sending_ips(value))
+            continue
+        if name not in _SCALARS:
+            raise ConfigError(f"unknown setting {name!r}")
+        default = getattr(settings, name)
+        try:
+            converted = type(default)(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"setting {name}: expected {type(default).__name__}") from err
+        settings = replace(settings, **{name: converted})
+    if settings.smtp_port <= 0 or settings.smtp_port > 65535:
+        raise ConfigError("setting smtp_port: must be 1..65535")
+    return settings
+
+
+def _sending_ips(value: Any) -> tuple[SendingIp, ...]:
+    if not isinstance(value, list) or len(value) < 2:
+        raise ConfigError("setting sending_ips: a list of at least two [[sending_ips]] tables")
+    ips = []
+    for index, item in enumerate(value):
+        where = f"setting sending_ips[{index}]"
+        if not isinstance(item, dict) or "address" not in item or "ehlo_name" not in item:
+            raise ConfigError(f"{where}: needs address and ehlo_name")
+        try:
+            ipaddress.ip_address(item["address"])
+        except ValueError as err:
+            raise ConfigError(f"{where}.address: not an IP address") from err
+        weight = item.get("weight", 1)
+        if not isinstance(weight, int) or weight < 1:
+            raise ConfigError(f"{where}.weight: a whole number >= 1")
+        ips.append(SendingIp(item["address"], item["ehlo_name"], weight))
+    return tuple(ips)
+
+
+__all__ = ["SendingIp", "Settings", "load_settings"]

@@ -1,0 +1,69 @@
+"""Data contracts in schemas/: the one source of the Arrow schemas."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pyarrow as pa
+
+SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+# Money is exact: two decimals, up to ten digits before the point.
+MONEY = pa.decimal128(12, 2)
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "date": pa.date32(),
+    "decimal": MONEY,
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+}
+
+
+@dataclass(frozen=True)
+class ContractField:
+    name: str
+    type: str
+    nullable: bool
+    phi: bool
+    description: str
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        return _ARROW_TYPES[self.type]
+
+
+@dataclass(frozen=True)
+class Contract:
+    name: str
+    version: int
+    fields: tuple[ContractField, ...]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema(
+            [pa.field(f.name, f.arrow_type, nullable=f.nullable) for f in self.fields],
+            metadata={"contract": self.name, "contract_version": str(self.version)},
+        )
+
+    @property
+    def column_names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    @property
+    def phi_columns(self) -> list[str]:
+        return [f.name for f in self.fields if f.phi]
+
+
+@cache
+def load_contract(name: str) -> Contract:
+    raw = json.loads((SCHEMAS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    return Contract(
+        name=raw["name"],
+        version=raw["version"],
+        fields=tuple(ContractField(**f) for f in raw["fields"]),
+    )

@@ -1,0 +1,488 @@
+"""Render stage: one Letter-size Explanation of Benefits PDF per statement.
+
+All wording comes from templates/eob_document.<language>.toml; this module only lays it out.
+Layout is fixed in points so that the member's address falls in the window of a #10 envelope
+when the page is printed and folded in thirds (statements without an email go to print).
+The built-in Helvetica fonts need no font files but only cover Latin-1: other characters
+render as a box.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import re
+import string
+import tempfile
+import tomllib
+from dataclasses import dataclass, fields
+from datetime import date
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+from reportlab.lib import colors
+from reportlab.lib.enums import TA_RIGHT
+from reportlab.lib.pagesizes import LETTER
+from reportlab.lib.styles import ParagraphStyle
+from reportlab.lib.units import inch
+from reportlab.pdfgen.canvas import Canvas
+from reportlab.platypus import (
+    BaseDocTemplate,
+    Frame,
+    KeepTogether,
+    PageTemplate,
+    Paragraph,
+    Table,
+    TableStyle,
+)
+
+from pipeline.errors import ConfigError
+from pipeline.statements import Statement, StatementLine
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class Wording:
+    """Every piece of text on the document, in one language (see the TOML for each key)."""
+
+    language_tag: str
+    date_format: str
+    title: str
+    not_a_bill: str
+    member_name: str
+    address_last_line: str
+    statement_id: str
+    period: str
+    summary: str
+    summary_note: str
+    claims_heading: str
+    column_service_date: str
+    column_provider: str
+    column_service: str
+    column_billed: str
+    column_plan_paid: str
+    column_you_may_owe: str
+    service_line: str
+    generic_service: str
+    totals_label: str
+    appeal_heading: str
+    appeal_rights: str
+    contact_heading: str
+    contact: str
+    continued_header: str
+    footer: str
+
+
+# Placeholders each key may use; keys not listed take none. Checked at load time so that a
+# typo in a translation fails once, before the batch, not as a KeyError on every statement.
+_PLACEHOLDERS: dict[str, frozenset[str]] = {
+    "member_name": frozenset({"first_name", "last_name"}),
+    "address_last_line": frozenset({"city", "state", "postal_code"}),
+    "statement_id": frozenset({"statement_id"}),
+    "period": frozenset({"start", "end"}),
+    "summary": frozenset({"amount"}),
+    "service_line": frozenset({"code", "description"}),
+    "contact": frozenset({"plan_name"}),
+    "continued_header": frozenset({"plan_name", "title"}),
+    "footer": frozenset({"page", "pages"}),
+}
+_WORDING_KEYS = frozenset(f.name for f in fields(Wording))
+# A language is a file-name part: refuse anything that could walk out of the templates dir.
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+
+
+@functools.cache
+def load_wording(language: str = "en") -> Wording:
+    """The wording of templates/eob_document.<language>.toml, read and checked once per process."""
+    if not _LANGUAGE.fullmatch(language):
+        raise ConfigError(f"wording language {language!r}: not a language code")
+    path = TEMPLATES_DIR / f"eob_document.{language}.toml"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"reading {path}: {err}") from err
+    missing = sorted(_WORDING_KEYS - data.keys())
+    unknown = sorted(data.keys() - _WORDING_KEYS)
+    if missing or unknown:
+        raise ConfigError(f"{path}: missing keys {missing}, unknown keys {unknown}")
+    for key, value in data.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: key {key}: expected a string")
+        allowed = _PLACEHOLDERS.get(key, frozenset())
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as err:
+            raise ConfigError(f"{path}: key {key}: {err}") from err
+        if not used <= allowed:
+            raise ConfigError(f"{path}: key {key}: unknown placeholders {sorted(used - allowed)}")
+    return Wording(**data)
+
+
+def format_money(amount: Decimal) -> str:
+    """$1,234.56; a negative amount (a reversal) as -$1,234.56."""
+    cents = amount.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    sign = "-" if cents < 0 else ""
+    return f"{sign}${abs(cents):,.2f}"
+
+
+# --- Fixed layout, in points (1 inch = 72). Letter is 612 x 792. ---------------------------
+
+PAGE_WIDTH, PAGE_HEIGHT = LETTER
+MARGIN = 0.75 * inch
+CONTENT_WIDTH = PAGE_WIDTH - 2 * MARGIN
+# #10 window envelope: on a letter folded in thirds the window shows roughly 0.75in-4.75in
+# from the left and 2in-3in from the top. The block sits in its upper left so that it stays
+# visible when the letter shifts inside the envelope.
+ADDRESS_LEFT = MARGIN
+ADDRESS_TOP = 2.0 * inch
+ADDRESS_LEADING = 14
+# The flowing content starts under the window area on page 1 and under the header after.
+FIRST_FRAME_TOP = 3.1 * inch
+LATER_FRAME_TOP = 0.95 * inch
+FRAME_BOTTOM = 0.8 * inch
+FOOTER_BASELINE = 0.5 * inch
+
+NAVY = colors.HexColor("#1F3A5F")
+PALE_BLUE = colors.HexColor("#EAF1F8")
+ZEBRA = colors.HexColor("#F4F6F8")
+GREY = colors.HexColor("#555555")
+RULE = colors.HexColor("#B8C4D0")
+
+# Service date, provider, service, billed, plan paid, you may owe: sums to CONTENT_WIDTH.
+# With 4pt cell padding, money columns fit $999,999.99 at 8.5pt and the English headers
+# "Service date" and "You may owe" fit on one line; the text columns take the rest.
+CELL_PADDING = 4
+COLUMN_WIDTHS = (60.0, 119.0, 150.0, 56.0, 56.0, 63.0)
+assert abs(sum(COLUMN_WIDTHS) - CONTENT_WIDTH) < 0.01
+
+# Styles are built once per process: documents only reference them.
+_BODY = ParagraphStyle("eob-body", fontName="Helvetica", fontSize=9, leading=12)
+_HEADING = ParagraphStyle(
+    "eob-heading",
+    fontName="Helvetica-Bold",
+    fontSize=11,
+    leading=14,
+    textColor=NAVY,
+    spaceBefore=14,
+    spaceAfter=4,
+)
+_SUMMARY = ParagraphStyle("eob-summary", fontName="Helvetica", fontSize=15, leading=19)
+_NOT_A_BILL = ParagraphStyle(
+    "eob-not-a-bill",
+    fontName="Helvetica-Bold",
+    fontSize=12,
+    leading=19,
+    alignment=TA_RIGHT,
+    textColor=NAVY,
+)
+_NOTE = ParagraphStyle("eob-note", fontName="Helvetica", fontSize=8.5, leading=11, textColor=GREY)
+_CELL = ParagraphStyle("eob-cell", fontName="Helvetica", fontSize=8.5, leading=10.5)
+_HEADER_CELL = ParagraphStyle(
+    "eob-header-cell",
+    fontName="Helvetica-Bold",
+    fontSize=8.5,
+    leading=10.5,
+    textColor=colors.white,
+)
+_HEADER_CELL_RIGHT = ParagraphStyle("eob-header-cell-right", _HEADER_CELL, alignment=TA_RIGHT)
+_TOTALS_CELL = ParagraphStyle("eob-totals-cell", _CELL, fontName="Helvetica-Bold")
+
+_SUMMARY_STYLE = TableStyle(
+    [
+        ("BACKGROUND", (0, 0), (-1, -1), PALE_BLUE),
+        ("BOX", (0, 0), (-1, -1), 1, NAVY),
+        ("SPAN", (0, 1), (1, 1)),
+        ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+        ("LEFTPADDING", (0, 0), (-1, -1), 10),
+        ("RIGHTPADDING", (0, 0), (-1, -1), 10),
+        ("TOPPADDING", (0, 0), (-1, 0), 9),
+        # The smaller "not a bill" type sits lower so both texts share a baseline.
+        ("TOPPADDING", (1, 0), (1, 0), 11),
+        ("BOTTOMPADDING", (0, 1), (-1, 1), 9),
+    ]
+)
+
+# Row 0 is the header, the last row the totals. Negative indices survive page splits.
+_CLAIMS_STYLE = TableStyle(
+    [
+        ("FONT", (0, 0), (-1, -1), "Helvetica", 8.5, 10.5),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+        ("ALIGN", (3, 0), (-1, -1), "RIGHT"),
+        ("TOPPADDING", (0, 0), (-1, -1), 4),
+        ("BOTTOMPADDING", (0, 0), (-1, -1), 4),
+        ("LEFTPADDING", (0, 0), (-1, -1), CELL_PADDING),
+        ("RIGHTPADDING", (0, 0), (-1, -1), CELL_PADDING),
+        ("BACKGROUND", (0, 0), (-1, 0), NAVY),
+        ("VALIGN", (0, 0), (-1, 0), "BOTTOM"),
+        ("ROWBACKGROUNDS", (0, 1), (-1, -2), [colors.white, ZEBRA]),
+        ("LINEBELOW", (0, 1), (-1, -2), 0.25, RULE),
+        ("LINEABOVE", (0, -1), (-1, -1), 1, NAVY),
+        ("FONT", (0, -1), (-1, -1), "Helvetica-Bold", 8.5, 10.5),
+        ("SPAN", (0, -1), (2, -1)),
+    ]
+)
+
+
+class _NumberedCanvas(Canvas):  # type: ignore[misc]  # reportlab ships no type hints
+    """Canvas that writes "Page N of M": M is only known once every page is laid out.
+
+    Each finished page is kept aside instead of written; save() then draws the footer on each
+    with the final count. One layout pass, unlike a two-pass multiBuild.
+    """
+
+    def __init__(self, *args: Any, footer: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._footer = footer
+        self._pages: list[dict[str, Any]] = []
+
+    def showPage(self) -> None:
+        self._pages.append(dict(self.__dict__))
+        self._startPage()
+
+    def save(self) -> None:
+        count = len(self._pages)
+        for number, page in enumerate(self._pages, start=1):
+            self.__dict__.update(page)
+            self.setFont("Helvetica", 8)
+            self.setFillColor(GREY)
+            self.drawRightString(
+                PAGE_WIDTH - MARGIN, FOOTER_BASELINE, self._footer.format(page=number, pages=count)
+            )
+            super().showPage()
+        super().save()
+
+
+@dataclass(frozen=True)
+class _PageText:
+    """The text drawn directly on the canvas (outside the flowing content), already formatted."""
+
+    plan_name: str
+    title: str
+    continued_header: str
+    statement_id: str
+    period: str
+    address: tuple[str, ...]
+
+
+def render_statement_pdf(
+    statement: Statement, *, plan_name: str, out_path: Path, wording: Wording | None = None
+) -> int:
+    """Write the statement's EOB to out_path (replaced atomically) and return its page count."""
+    wording = wording or load_wording()
+    member = statement.member
+    page_text = _PageText(
+        plan_name=plan_name,
+        title=wording.title,
+        continued_header=wording.continued_header.format(plan_name=plan_name, title=wording.title),
+        statement_id=wording.statement_id.format(statement_id=statement.statement_id),
+        period=wording.period.format(
+            start=_date(statement.period_start, wording), end=_date(statement.period_end, wording)
+        ),
+        address=(
+            wording.member_name.format(first_name=member.first_name, last_name=member.last_name),
+            member.address_line,
+            wording.address_last_line.format(
+                city=member.city, state=member.state, postal_code=member.postal_code
+            ),
+        ),
+    )
+    buffer = io.BytesIO()
+    doc = BaseDocTemplate(
+        buffer,
+        pagesize=LETTER,
+        # Metadata is visible without opening the document: the title is fixed wording, never
+        # member data.
+        title=wording.title,
+        subject=wording.title,
+        author=plan_name,
+        creator="eob-delivery",
+        lang=wording.language_tag,
+        leftMargin=MARGIN,
+        rightMargin=MARGIN,
+        topMargin=LATER_FRAME_TOP,
+        bottomMargin=FRAME_BOTTOM,
+    )
+    doc.addPageTemplates(
+        [
+            PageTemplate(
+                id="first",
+                frames=[_frame(FIRST_FRAME_TOP)],
+                onPage=functools.partial(_draw_first_page, text=page_text),
+                autoNextPageTemplate="later",
+            ),
+            PageTemplate(
+                id="later",
+                frames=[_frame(LATER_FRAME_TOP)],
+                onPage=functools.partial(_draw_later_page, text=page_text),
+            ),
+        ]
+    )
+    doc.build(
+        _story(statement, plan_name, wording),
+        canvasmaker=functools.partial(_NumberedCanvas, footer=wording.footer),
+    )
+    _write_atomically(out_path, buffer.getvalue())
+    pages: int = doc.page
+    return pages
+
+
+def _frame(top: float) -> Frame:
+    # No frame padding: the drawn header, address and footer align with the content edges.
+    return Frame(
+        MARGIN,
+        FRAME_BOTTOM,
+        CONTENT_WIDTH,
+        PAGE_HEIGHT - top - FRAME_BOTTOM,
+        leftPadding=0,
+        rightPadding=0,
+        topPadding=0,
+        bottomPadding=0,
+    )
+
+
+def _story(statement: Statement, plan_name: str, wording: Wording) -> list[Any]:
+    you_may_owe = format_money(statement.total_member_responsibility)
+    summary = Table(
+        [
+            [
+                Paragraph(wording.summary.format(amount=you_may_owe), _SUMMARY),
+                Paragraph(wording.not_a_bill, _NOT_A_BILL),
+            ],
+            [Paragraph(wording.summary_note, _NOTE), ""],
+        ],
+        colWidths=(CONTENT_WIDTH * 0.64, CONTENT_WIDTH * 0.36),
+        style=_SUMMARY_STYLE,
+    )
+    return [
+        summary,
+        Paragraph(wording.claims_heading, _HEADING),
+        _claims_table(statement, wording),
+        KeepTogether(
+            [
+                Paragraph(wording.appeal_heading, _HEADING),
+                Paragraph(wording.appeal_rights, _BODY),
+            ]
+        ),
+        KeepTogether(
+            [
+                Paragraph(wording.contact_heading, _HEADING),
+                Paragraph(wording.contact.format(plan_name=escape(plan_name)), _BODY),
+            ]
+        ),
+    ]
+
+
+def _claims_table(statement: Statement, wording: Wording) -> Table:
+    header = [
+        Paragraph(wording.column_service_date, _HEADER_CELL),
+        Paragraph(wording.column_provider, _HEADER_CELL),
+        Paragraph(wording.column_service, _HEADER_CELL),
+        Paragraph(wording.column_billed, _HEADER_CELL_RIGHT),
+        Paragraph(wording.column_plan_paid, _HEADER_CELL_RIGHT),
+        Paragraph(wording.column_you_may_owe, _HEADER_CELL_RIGHT),
+    ]
+    rows: list[list[Any]] = [header]
+    rows.extend(_claim_row(line, wording) for line in statement.lines)
+    rows.append(
+        [
+            Paragraph(wording.totals_label, _TOTALS_CELL),
+            "",
+            "",
+            format_money(statement.total_billed),
+            format_money(statement.total_plan_paid),
+            format_money(statement.total_member_responsibility),
+        ]
+    )
+    # repeatRows=1: the header row is drawn again at the top of every page the table spans.
+    return Table(rows, colWidths=COLUMN_WIDTHS, repeatRows=1, style=_CLAIMS_STYLE)
+
+
+def _claim_row(line: StatementLine, wording: Wording) -> list[Any]:
+    # Plain strings for short fixed-width cells (cheaper); Paragraphs where text must wrap.
+    # Member data is escaped: a provider named "A & B <Clinic>" is text, not markup.
+    description = (line.service_description or "").strip()
+    service = wording.service_line.format(
+        code=escape(line.procedure_code),
+        description=escape(description) if description else wording.generic_service,
+    )
+    return [
+        _date(line.service_date, wording),
+        Paragraph(escape(line.provider_name), _CELL),
+        Paragraph(service, _CELL),
+        format_money(line.billed_amount),
+        format_money(line.plan_paid),
+        format_money(line.member_responsibility),
+    ]
+
+
+def _draw_first_page(canvas: Any, doc: Any, *, text: _PageText) -> None:
+    canvas.saveState()
+    top = PAGE_HEIGHT
+    # Plan name where a double-window envelope shows the return address; title opposite.
+    canvas.setFillColor(NAVY)
+    canvas.setFont("Helvetica-Bold", 14)
+    canvas.drawString(MARGIN, top - 0.75 * inch, text.plan_name)
+    canvas.setFont("Helvetica-Bold", 18)
+    canvas.drawRightString(PAGE_WIDTH - MARGIN, top - 0.75 * inch, text.title)
+    canvas.setStrokeColor(NAVY)
+    canvas.setLineWidth(1.5)
+    canvas.line(MARGIN, top - 0.9 * inch, PAGE_WIDTH - MARGIN, top - 0.9 * inch)
+    # Statement reference top right, above the window line so no envelope shows it.
+    canvas.setFillColor(colors.black)
+    canvas.setFont("Helvetica", 9)
+    canvas.drawRightString(PAGE_WIDTH - MARGIN, top - 1.15 * inch, text.statement_id)
+    canvas.drawRightString(PAGE_WIDTH - MARGIN, top - 1.15 * inch - 12, text.period)
+    # Address block: first baseline one cap height below ADDRESS_TOP.
+    canvas.setFont("Helvetica", 11)
+    baseline = top - ADDRESS_TOP - 8
+    for line in text.address:
+        canvas.drawString(ADDRESS_LEFT, baseline, line)
+        baseline -= ADDRESS_LEADING
+    _draw_footer_left(canvas, text)
+    canvas.restoreState()
+
+
+def _draw_later_page(canvas: Any, doc: Any, *, text: _PageText) -> None:
+    canvas.saveState()
+    baseline = PAGE_HEIGHT - 0.6 * inch
+    canvas.setFillColor(NAVY)
+    canvas.setFont("Helvetica-Bold", 10)
+    canvas.drawString(MARGIN, baseline, text.continued_header)
+    canvas.setStrokeColor(NAVY)
+    canvas.setLineWidth(0.75)
+    canvas.line(MARGIN, baseline - 7, PAGE_WIDTH - MARGIN, baseline - 7)
+    _draw_footer_left(canvas, text)
+    canvas.restoreState()
+
+
+def _draw_footer_left(canvas: Any, text: _PageText) -> None:
+    # The statement id on every page lets a loose printed page be matched to its statement.
+    canvas.setStrokeColor(RULE)
+    canvas.setLineWidth(0.5)
+    canvas.line(MARGIN, FOOTER_BASELINE + 11, PAGE_WIDTH - MARGIN, FOOTER_BASELINE + 11)
+    canvas.setFillColor(GREY)
+    canvas.setFont("Helvetica", 8)
+    canvas.drawString(MARGIN, FOOTER_BASELINE, text.statement_id)
+
+
+def _date(value: date, wording: Wording) -> str:
+    return value.strftime(wording.date_format)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # A crash mid-write must never leave a truncated PDF where the send stage would find it.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["Wording", "format_money", "load_wording", "render_statement_pdf"]
