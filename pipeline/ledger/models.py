@@ -127,7 +127,8 @@ class ResendCase(Base):
     __tablename__ = "resend_cases"
     case_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     message_id: Mapped[str] = mapped_column(
-        ForeignKey("messages.message_id", use_alter=True), unique=True
+        ForeignKey("messages.message_id", use_alter=True, name="fk_resend_cases_message_id"),
+        unique=True,
     )
     statement_id: Mapped[str] = mapped_column(ForeignKey("statements.statement_id"))
     state: Mapped[str] = mapped_column(String(30), index=True)

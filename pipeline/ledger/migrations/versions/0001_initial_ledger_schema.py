@@ -88,7 +88,6 @@ def upgrade() -> None:
     sa.Column('opened_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('reason', sa.Text(), nullable=False),
-    sa.ForeignKeyConstraint(['message_id'], ['messages.message_id'], use_alter=True),
     sa.ForeignKeyConstraint(['statement_id'], ['statements.statement_id'], ),
     sa.PrimaryKeyConstraint('case_id'),
     sa.UniqueConstraint('message_id')
@@ -120,6 +119,12 @@ def upgrade() -> None:
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_messages_run_id'), ['run_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_messages_state'), ['state'], unique=False)
+
+    # resend_cases and messages refer to each other: this key is added once both exist.
+    with op.batch_alter_table('resend_cases', schema=None) as batch_op:
+        batch_op.create_foreign_key(
+            'fk_resend_cases_message_id', 'messages', ['message_id'], ['message_id']
+        )
 
     op.create_table('bounces',
     sa.Column('bounce_id', sa.Integer(), autoincrement=True, nullable=False),
@@ -160,6 +165,8 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_messages_state'))
         batch_op.drop_index(batch_op.f('ix_messages_run_id'))
 
+    with op.batch_alter_table('resend_cases', schema=None) as batch_op:
+        batch_op.drop_constraint('fk_resend_cases_message_id', type_='foreignkey')
     op.drop_table('messages')
     with op.batch_alter_table('resend_cases', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_resend_cases_state'))
