@@ -96,11 +96,13 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
     if status_part is None:
         return [BounceReport(digest, token, None, None, None, BounceClass.NOT_BOUNCE)]
     reports = []
-    for block in _recipient_blocks(status_part):
+    for index, block in enumerate(_recipient_blocks(status_part)):
         recipient = _address(block.get("Final-Recipient") or block.get("Original-Recipient"))
-        status = (block.get("Status") or "").strip() or None
+        # Some MTAs add a comment after the code: "4.4.1 (no answer from host)".
+        status = enhanced_status(block.get("Status"))
         diagnostic = _unfold(block.get("Diagnostic-Code"))
-        key = hashlib.sha256(f"{digest}:{recipient}".encode()).hexdigest()
+        # A report may name the same recipient in several blocks: each block counts once.
+        key = hashlib.sha256(f"{digest}:{index}:{recipient}".encode()).hexdigest()
         reports.append(
             BounceReport(key, token, recipient, status, diagnostic, classify(status, diagnostic))
         )
