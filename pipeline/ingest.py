@@ -165,8 +165,11 @@ def _read_csv_as_text(
 
 
 def _read_header(path: Path) -> list[str]:
-    with path.open("r", encoding="utf-8-sig", newline="") as stream:
-        first = stream.readline()
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as stream:
+            first = stream.readline()
+    except UnicodeDecodeError as err:
+        raise FileRejected(path.name, f"header is not UTF-8 text (byte {err.start})") from err
     if not first.strip():
         raise FileRejected(path.name, "empty file or no header row")
     names = next(
