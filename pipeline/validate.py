@@ -93,13 +93,15 @@ def validate_claim_lines(
         if outcome.exception_info and outcome.exception_info.get("raised_exception"):
             # An expectation that could not run is a bug in the suite, not bad data.
             raise RuntimeError(f"expectation {config.type} on {file_name} failed to run")
-        field = config.kwargs.get("column") or config.kwargs.get("column_A", "*")
+        kwargs = config.kwargs
+        # A two-column rule names both columns: either may be the wrong one.
+        columns = kwargs.get("column") or f"{kwargs['column_A']},{kwargs['column_B']}"
         for row_number in outcome.result.get("unexpected_index_list") or []:
             reasons.append(
                 {
                     "file_name": file_name,
                     "row_number": int(row_number),
-                    "field": field,
+                    "field": columns,
                     "rule": config.meta["rule"],
                     "message": config.meta["message"],
                 }
