@@ -162,69 +162,53 @@ assert abs(sum(COLUMN_WIDTHS) - CONTENT_WIDTH) < 0.01
 # Styles are built once per process: documents only reference them.
 _BODY = ParagraphStyle("eob-body", fontName="Helvetica", fontSize=9, leading=12)
 _HEADING = ParagraphStyle(
-    "eob-heading",
-    fontName="Helvetica-Bold",
-    fontSize=11,
-    leading=14,
-    textColor=NAVY,
-    spaceBefore=14,
-    spaceAfter=4,
-)
+    "eob-heading", fontName="Helvetica-Bold", fontSize=11, leading=14, textColor=NAVY,
+    spaceBefore=14, spaceAfter=4,
+)  # fmt: skip
 _SUMMARY = ParagraphStyle("eob-summary", fontName="Helvetica", fontSize=15, leading=19)
 _NOT_A_BILL = ParagraphStyle(
-    "eob-not-a-bill",
-    fontName="Helvetica-Bold",
-    fontSize=12,
-    leading=19,
-    alignment=TA_RIGHT,
+    "eob-not-a-bill", fontName="Helvetica-Bold", fontSize=12, leading=19, alignment=TA_RIGHT,
     textColor=NAVY,
-)
+)  # fmt: skip
 _NOTE = ParagraphStyle("eob-note", fontName="Helvetica", fontSize=8.5, leading=11, textColor=GREY)
 _CELL = ParagraphStyle("eob-cell", fontName="Helvetica", fontSize=8.5, leading=10.5)
 _HEADER_CELL = ParagraphStyle(
-    "eob-header-cell",
-    fontName="Helvetica-Bold",
-    fontSize=8.5,
-    leading=10.5,
+    "eob-header-cell", fontName="Helvetica-Bold", fontSize=8.5, leading=10.5,
     textColor=colors.white,
-)
+)  # fmt: skip
 _HEADER_CELL_RIGHT = ParagraphStyle("eob-header-cell-right", _HEADER_CELL, alignment=TA_RIGHT)
 _TOTALS_CELL = ParagraphStyle("eob-totals-cell", _CELL, fontName="Helvetica-Bold")
 
-_SUMMARY_STYLE = TableStyle(
-    [
-        ("BACKGROUND", (0, 0), (-1, -1), PALE_BLUE),
-        ("BOX", (0, 0), (-1, -1), 1, NAVY),
-        ("SPAN", (0, 1), (1, 1)),
-        ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
-        ("LEFTPADDING", (0, 0), (-1, -1), 10),
-        ("RIGHTPADDING", (0, 0), (-1, -1), 10),
-        ("TOPPADDING", (0, 0), (-1, 0), 9),
-        # The smaller "not a bill" type sits lower so both texts share a baseline.
-        ("TOPPADDING", (1, 0), (1, 0), 11),
-        ("BOTTOMPADDING", (0, 1), (-1, 1), 9),
-    ]
-)
+_SUMMARY_STYLE = TableStyle([
+    ("BACKGROUND", (0, 0), (-1, -1), PALE_BLUE),
+    ("BOX", (0, 0), (-1, -1), 1, NAVY),
+    ("SPAN", (0, 1), (1, 1)),
+    ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+    ("LEFTPADDING", (0, 0), (-1, -1), 10),
+    ("RIGHTPADDING", (0, 0), (-1, -1), 10),
+    ("TOPPADDING", (0, 0), (-1, 0), 9),
+    # The smaller "not a bill" type sits lower so both texts share a baseline.
+    ("TOPPADDING", (1, 0), (1, 0), 11),
+    ("BOTTOMPADDING", (0, 1), (-1, 1), 9),
+])  # fmt: skip
 
 # Row 0 is the header, the last row the totals. Negative indices survive page splits.
-_CLAIMS_STYLE = TableStyle(
-    [
-        ("FONT", (0, 0), (-1, -1), "Helvetica", 8.5, 10.5),
-        ("VALIGN", (0, 0), (-1, -1), "TOP"),
-        ("ALIGN", (3, 0), (-1, -1), "RIGHT"),
-        ("TOPPADDING", (0, 0), (-1, -1), 4),
-        ("BOTTOMPADDING", (0, 0), (-1, -1), 4),
-        ("LEFTPADDING", (0, 0), (-1, -1), CELL_PADDING),
-        ("RIGHTPADDING", (0, 0), (-1, -1), CELL_PADDING),
-        ("BACKGROUND", (0, 0), (-1, 0), NAVY),
-        ("VALIGN", (0, 0), (-1, 0), "BOTTOM"),
-        ("ROWBACKGROUNDS", (0, 1), (-1, -2), [colors.white, ZEBRA]),
-        ("LINEBELOW", (0, 1), (-1, -2), 0.25, RULE),
-        ("LINEABOVE", (0, -1), (-1, -1), 1, NAVY),
-        ("FONT", (0, -1), (-1, -1), "Helvetica-Bold", 8.5, 10.5),
-        ("SPAN", (0, -1), (2, -1)),
-    ]
-)
+_CLAIMS_STYLE = TableStyle([
+    ("FONT", (0, 0), (-1, -1), "Helvetica", 8.5, 10.5),
+    ("VALIGN", (0, 0), (-1, -1), "TOP"),
+    ("ALIGN", (3, 0), (-1, -1), "RIGHT"),
+    ("TOPPADDING", (0, 0), (-1, -1), 4),
+    ("BOTTOMPADDING", (0, 0), (-1, -1), 4),
+    ("LEFTPADDING", (0, 0), (-1, -1), CELL_PADDING),
+    ("RIGHTPADDING", (0, 0), (-1, -1), CELL_PADDING),
+    ("BACKGROUND", (0, 0), (-1, 0), NAVY),
+    ("VALIGN", (0, 0), (-1, 0), "BOTTOM"),
+    ("ROWBACKGROUNDS", (0, 1), (-1, -2), [colors.white, ZEBRA]),
+    ("LINEBELOW", (0, 1), (-1, -2), 0.25, RULE),
+    ("LINEABOVE", (0, -1), (-1, -1), 1, NAVY),
+    ("FONT", (0, -1), (-1, -1), "Helvetica-Bold", 8.5, 10.5),
+    ("SPAN", (0, -1), (2, -1)),
+])  # fmt: skip
 
 
 class _NumberedCanvas(Canvas):  # type: ignore[misc]  # reportlab ships no type hints
@@ -306,21 +290,19 @@ def render_statement_pdf(
         topMargin=LATER_FRAME_TOP,
         bottomMargin=FRAME_BOTTOM,
     )
-    doc.addPageTemplates(
-        [
-            PageTemplate(
-                id="first",
-                frames=[_frame(FIRST_FRAME_TOP)],
-                onPage=functools.partial(_draw_first_page, text=page_text),
-                autoNextPageTemplate="later",
-            ),
-            PageTemplate(
-                id="later",
-                frames=[_frame(LATER_FRAME_TOP)],
-                onPage=functools.partial(_draw_later_page, text=page_text),
-            ),
-        ]
-    )
+    doc.addPageTemplates([
+        PageTemplate(
+            id="first",
+            frames=[_frame(FIRST_FRAME_TOP)],
+            onPage=functools.partial(_draw_first_page, text=page_text),
+            autoNextPageTemplate="later",
+        ),
+        PageTemplate(
+            id="later",
+            frames=[_frame(LATER_FRAME_TOP)],
+            onPage=functools.partial(_draw_later_page, text=page_text),
+        ),
+    ])  # fmt: skip
     doc.build(
         _story(statement, plan_name, wording),
         canvasmaker=functools.partial(_NumberedCanvas, footer=wording.footer),
@@ -333,15 +315,9 @@ def render_statement_pdf(
 def _frame(top: float) -> Frame:
     # No frame padding: the drawn header, address and footer align with the content edges.
     return Frame(
-        MARGIN,
-        FRAME_BOTTOM,
-        CONTENT_WIDTH,
-        PAGE_HEIGHT - top - FRAME_BOTTOM,
-        leftPadding=0,
-        rightPadding=0,
-        topPadding=0,
-        bottomPadding=0,
-    )
+        MARGIN, FRAME_BOTTOM, CONTENT_WIDTH, PAGE_HEIGHT - top - FRAME_BOTTOM,
+        leftPadding=0, rightPadding=0, topPadding=0, bottomPadding=0,
+    )  # fmt: skip
 
 
 def _story(statement: Statement, plan_name: str, wording: Wording) -> list[Any]:
@@ -361,19 +337,15 @@ def _story(statement: Statement, plan_name: str, wording: Wording) -> list[Any]:
         summary,
         Paragraph(wording.claims_heading, _HEADING),
         _claims_table(statement, wording),
-        KeepTogether(
-            [
-                Paragraph(wording.appeal_heading, _HEADING),
-                Paragraph(wording.appeal_rights, _BODY),
-            ]
-        ),
-        KeepTogether(
-            [
-                Paragraph(wording.contact_heading, _HEADING),
-                Paragraph(wording.contact.format(plan_name=escape(plan_name)), _BODY),
-            ]
-        ),
-    ]
+        KeepTogether([
+            Paragraph(wording.appeal_heading, _HEADING),
+            Paragraph(wording.appeal_rights, _BODY),
+        ]),
+        KeepTogether([
+            Paragraph(wording.contact_heading, _HEADING),
+            Paragraph(wording.contact.format(plan_name=escape(plan_name)), _BODY),
+        ]),
+    ]  # fmt: skip
 
 
 def _claims_table(statement: Statement, wording: Wording) -> Table:
@@ -387,16 +359,12 @@ def _claims_table(statement: Statement, wording: Wording) -> Table:
     ]
     rows: list[list[Any]] = [header]
     rows.extend(_claim_row(line, wording) for line in statement.lines)
-    rows.append(
-        [
-            Paragraph(wording.totals_label, _TOTALS_CELL),
-            "",
-            "",
-            format_money(statement.total_billed),
-            format_money(statement.total_plan_paid),
-            format_money(statement.total_member_responsibility),
-        ]
-    )
+    rows.append([
+        Paragraph(wording.totals_label, _TOTALS_CELL), "", "",
+        format_money(statement.total_billed),
+        format_money(statement.total_plan_paid),
+        format_money(statement.total_member_responsibility),
+    ])  # fmt: skip
     # repeatRows=1: the header row is drawn again at the top of every page the table spans.
     return Table(rows, colWidths=COLUMN_WIDTHS, repeatRows=1, style=_CLAIMS_STYLE)
 

@@ -1,0 +1,306 @@
+"""Render stage: the PDF says the right things, in the right places, on every page.
+
+Statements are built here with synthetic members; text is read back with pypdf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pypdf import PdfReader
+from reportlab.pdfbase.pdfmetrics import stringWidth
+
+from pipeline import render
+from pipeline.errors import ConfigError
+from pipeline.render import format_money, load_wording, render_statement_pdf
+from pipeline.statements import Member, Statement, StatementLine
+
+PLAN = "Example Health Plan"
+HEADER_ROW = "Service date Provider Service Billed Plan paid You may owe"
+
+MEMBER = Member(
+    member_id="M000123",
+    first_name="Ana María",
+    last_name="Pérez",
+    address_line="1234 Avenida de la Constitución, Apt 5B",
+    city="San José",
+    state="CA",
+    postal_code="95112",
+    email="ana.perez@example.com",
+)
+
+
+def line(
+    number: int,
+    *,
+    billed: str = "100.00",
+    paid: str = "80.00",
+    owe: str = "20.00",
+    provider: str = "Valley Medical Group",
+    description: str | None = "Office visit, established patient",
+) -> StatementLine:
+    return StatementLine(
+        claim_id=f"C{number:05d}",
+        line_number=1,
+        service_date=date(2025, 1, 2) + timedelta(days=number),
+        provider_name=provider,
+        procedure_code=f"99{number % 1000:03d}",
+        service_description=description,
+        billed_amount=Decimal(billed),
+        allowed_amount=Decimal(paid) + Decimal(owe),
+        plan_paid=Decimal(paid),
+        member_responsibility=Decimal(owe),
+    )
+
+
+def statement(lines: list[StatementLine], member: Member = MEMBER) -> Statement:
+    return Statement(
+        statement_id="s0a1b2c3d4e5f60718293a4b5",
+        member=member,
+        period_start=min(item.service_date for item in lines),
+        period_end=max(item.service_date for item in lines),
+        lines=tuple(lines),
+    )
+
+
+def render_pages(tmp_path: Path, stmt: Statement, **kwargs: Any) -> tuple[int, list[str]]:
+    """Render; return the reported page count and each page's text, whitespace collapsed."""
+    out = tmp_path / "eob.pdf"
+    count = render_statement_pdf(stmt, plan_name=PLAN, out_path=out, **kwargs)
+    reader = PdfReader(out)
+    assert count == len(reader.pages)
+    return count, [" ".join(page.extract_text().split()) for page in reader.pages]
+
+
+def test_one_page_statement_shows_amounts_totals_and_fixed_text(tmp_path: Path) -> None:
+    stmt = statement([
+        line(1, billed="1234.50", paid="1000.00", owe="234.50"),
+        line(2, billed="200.00", paid="150.25", owe="49.75"),
+        line(3, billed="15.25", paid="0.00", owe="15.25"),
+    ])  # fmt: skip
+
+    count, pages = render_pages(tmp_path, stmt)
+
+    assert count == 1
+    text = pages[0]
+    assert "$1,234.50 $1,000.00 $234.50" in text
+    assert "$200.00 $150.25 $49.75" in text
+    assert "$15.25 $0.00 $15.25" in text
+    assert "Totals $1,449.75 $1,150.25 $299.50" in text
+    assert "You may owe your provider $299.50" in text
+    assert "THIS IS NOT A BILL" in text
+    assert "s0a1b2c3d4e5f60718293a4b5" in text
+    assert "Service dates: 01/03/2025 to 01/05/2025" in text
+    assert "Page 1 of 1" in text
+    assert HEADER_ROW in text
+    assert PLAN in text
+    assert "Your right to appeal" in text and "Questions?" in text
+
+
+def test_member_address_block_and_accented_text_survive_extraction(tmp_path: Path) -> None:
+    stmt = statement([line(1, provider="Clínica Núñez & Hijos, S.C.")])
+
+    _, pages = render_pages(tmp_path, stmt)
+
+    assert "Ana María Pérez 1234 Avenida de la Constitución, Apt 5B San José, CA 95112" in pages[0]
+    assert "Clínica Núñez & Hijos, S.C." in pages[0]
+
+
+def test_address_block_sits_in_the_envelope_window(tmp_path: Path) -> None:
+    out = tmp_path / "eob.pdf"
+    render_statement_pdf(statement([line(1)]), plan_name=PLAN, out_path=out)
+    positions = {
+        text.strip(): (tm[4] + cm[4], tm[5] + cm[5])
+        for text, cm, tm in _fragments(PdfReader(out).pages[0])
+    }
+    x, y = positions["Ana María Pérez"]
+    page_height = 792
+    # #10 window: about 0.75in-4.75in from the left, 2in-3in from the top of the page.
+    assert 0.7 * 72 <= x <= 1.0 * 72
+    assert 2.0 * 72 <= page_height - y <= 2.4 * 72
+    _, last_y = positions["San José, CA 95112"]
+    assert page_height - last_y <= 3.0 * 72
+
+
+def test_service_without_description_gets_generic_wording(tmp_path: Path) -> None:
+    stmt = statement([line(7, description=None), line(8, description="  ")])
+
+    _, pages = render_pages(tmp_path, stmt)
+
+    assert "99007 Medical service" in pages[0]
+    assert "99008 Medical service" in pages[0]
+
+
+def test_member_data_is_text_not_markup(tmp_path: Path) -> None:
+    provider = "Smith & Jones <b>Pediatrics</b>"
+    stmt = statement([line(1, provider=provider, description="X-ray <2 views")])
+
+    _, pages = render_pages(tmp_path, stmt)
+
+    assert provider in pages[0]
+    assert "X-ray <2 views" in pages[0]
+
+
+def test_long_statement_spans_pages_with_numbered_footer_and_repeated_header(
+    tmp_path: Path,
+) -> None:
+    # Each line owes a distinct amount, so every line can be found exactly once.
+    lines = [line(i, owe=f"{i}.{i % 100:02d}", paid="10.00", billed="1.00") for i in range(200)]
+    stmt = statement(lines)
+
+    count, pages = render_pages(tmp_path, stmt)
+
+    assert count >= 4
+    for number, text in enumerate(pages, start=1):
+        assert f"Page {number} of {count}" in text
+        assert HEADER_ROW in text
+        assert "s0a1b2c3d4e5f60718293a4b5" in text
+    assert all("(continued)" in text for text in pages[1:])
+    everything = " ".join(pages)
+    for item in lines:
+        assert everything.count(f"$1.00 $10.00 {format_money(item.member_responsibility)} ") == 1
+    total = format_money(stmt.total_member_responsibility)
+    assert f"Totals $200.00 $2,000.00 {total}" in pages[-1]
+    assert all("Totals" not in text for text in pages[:-1])
+
+
+def test_long_provider_name_wraps_inside_its_column(tmp_path: Path) -> None:
+    name = (
+        "Northern Regional Comprehensive Orthopaedic and Sports Medicine Surgical "
+        "Associates of the Greater Metropolitan Area Limited Liability Partnership "
+        "Zzqqzzqqzzqqzzqqzzqqzzqqzzqqzzqqzzqqzzqqzzqqzzqqzzqq"
+    )
+    out = tmp_path / "eob.pdf"
+    render_statement_pdf(statement([line(1, provider=name)]), plan_name=PLAN, out_path=out)
+
+    page = PdfReader(out).pages[0]
+    text = page.extract_text()
+    assert "".join(name.split()) in "".join(text.split())
+    # Wrapped: the name is spread over several lines of the cell...
+    assert sum(1 for row in text.splitlines() if row.strip() and row.strip() in name) >= 3
+    # ...and no piece of it crosses into the next column.
+    left = render.MARGIN + render.COLUMN_WIDTHS[0]
+    right = left + render.COLUMN_WIDTHS[1]
+    pieces = [
+        (tm[4] + cm[4], piece.strip())
+        for piece, cm, tm in _fragments(page)
+        if piece.strip() and piece.strip() in name
+    ]
+    assert len(pieces) >= 3
+    for x, piece in pieces:
+        assert left <= x and x + stringWidth(piece, "Helvetica", 8.5) <= right, piece
+
+
+def test_pdf_metadata_carries_no_member_data(tmp_path: Path) -> None:
+    out = tmp_path / "eob.pdf"
+    render_statement_pdf(statement([line(1)]), plan_name=PLAN, out_path=out)
+
+    reader = PdfReader(out)
+    assert reader.metadata is not None
+    assert reader.metadata.title == "Explanation of Benefits"
+    assert reader.metadata.author == PLAN
+    assert str(reader.root_object["/Lang"]) == "en-US"
+    info = " ".join(str(value) for value in reader.metadata.values())
+    for field in ("Ana", "Pérez", "M000123", "San José", "s0a1b2c3d4e5f60718293a4b5"):
+        assert field not in info
+
+
+def test_wording_comes_from_the_wording_object(tmp_path: Path) -> None:
+    wording = dataclasses.replace(
+        load_wording("en"),
+        not_a_bill="ESTO NO ES UNA FACTURA",
+        footer="Página {page} de {pages}",
+        date_format="%d/%m/%Y",
+    )
+
+    _, pages = render_pages(tmp_path, statement([line(1)]), wording=wording)
+
+    assert "ESTO NO ES UNA FACTURA" in pages[0]
+    assert "THIS IS NOT A BILL" not in pages[0]
+    assert "Página 1 de 1" in pages[0]
+    assert "03/01/2025" in pages[0]
+
+
+def test_render_replaces_the_output_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    out = tmp_path / "eob.pdf"
+    out.write_bytes(b"stale")
+
+    render_statement_pdf(statement([line(1)]), plan_name=PLAN, out_path=out)
+
+    assert out.read_bytes().startswith(b"%PDF-")
+    assert [p.name for p in tmp_path.iterdir()] == ["eob.pdf"]
+
+
+@pytest.mark.parametrize(
+    ("amount", "expected"),
+    [
+        ("0", "$0.00"),
+        ("7.5", "$7.50"),
+        ("1234.56", "$1,234.56"),
+        ("1234567.891", "$1,234,567.89"),
+        ("0.005", "$0.01"),
+        ("-12.5", "-$12.50"),
+        ("-0.001", "$0.00"),
+    ],
+)
+def test_format_money(amount: str, expected: str) -> None:
+    assert format_money(Decimal(amount)) == expected
+
+
+def test_english_wording_loads_complete() -> None:
+    wording = load_wording("en")
+    assert wording is load_wording("en")  # read once per process
+    assert all(getattr(wording, f.name).strip() for f in dataclasses.fields(wording))
+    assert wording.summary.format(amount="$1.00") == "You may owe your provider <b>$1.00</b>"
+
+
+@pytest.mark.parametrize("language", ["../en", "en/../../x", "", "EN"])
+def test_load_wording_refuses_a_bad_language_code(language: str) -> None:
+    with pytest.raises(ConfigError):
+        load_wording(language)
+
+
+def test_load_wording_refuses_a_missing_file() -> None:
+    with pytest.raises(ConfigError, match="eob_document.zz.toml"):
+        load_wording("zz")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda text: text.replace('not_a_bill = "THIS IS NOT A BILL"\n', ""), "missing keys"),
+        (lambda text: text + 'colour = "blue"\n', "unknown keys"),
+        (lambda text: text.replace("{amount}", "{amt}"), "key summary: unknown placeholders"),
+        (lambda text: text.replace("Page {page}", "Page {page"), "key footer"),
+        (lambda text: text.replace('title = "Explanation of Benefits"', "title = 3"), "key title"),
+    ],
+)
+def test_load_wording_refuses_a_broken_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any, message: str
+) -> None:
+    english = (render.TEMPLATES_DIR / "eob_document.en.toml").read_text(encoding="utf-8")
+    (tmp_path / "eob_document.xx.toml").write_text(change(english), encoding="utf-8")
+    monkeypatch.setattr(render, "TEMPLATES_DIR", tmp_path)
+    load_wording.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_wording("xx")
+    finally:
+        load_wording.cache_clear()
+
+
+def _fragments(page: Any) -> list[tuple[str, list[float], list[float]]]:
+    found: list[tuple[str, list[float], list[float]]] = []
+
+    def visit(text: str, cm: list[float], tm: list[float], *_: object) -> None:
+        if text.strip():
+            found.append((text, cm, tm))
+
+    page.extract_text(visitor_text=visit)
+    return found
