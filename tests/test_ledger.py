@@ -1,0 +1,161 @@
+"""The ledger on SQLite and PostgreSQL: migrations match the models; the state machines hold."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.errors import IllegalTransition
+from pipeline.ledger import open_ledger
+from pipeline.ledger.models import (
+    Base,
+    InputFile,
+    Message,
+    ResendCase,
+    Run,
+    Statement,
+    StateTransition,
+)  # fmt: skip
+from pipeline.ledger.states import (
+    CASE_TRANSITIONS,
+    MESSAGE_TRANSITIONS,
+    CaseState,
+    MessageState,
+    transition_case,
+    transition_message,
+)  # fmt: skip
+
+
+@pytest.fixture
+def sessions(ledger_url: str) -> sessionmaker[Session]:
+    return open_ledger(ledger_url)
+
+
+def test_migrations_produce_the_models_schema(sessions: sessionmaker[Session]):
+    with sessions() as session:
+        context = MigrationContext.configure(session.connection())
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_migrating_twice_is_harmless(ledger_url: str):
+    open_ledger(ledger_url)
+    open_ledger(ledger_url)
+
+
+def _message(session: Session, n: int) -> Message:
+    now = datetime.now(UTC)
+    if session.get(Run, "r1") is None:
+        # No relationship() links the models, so parents are flushed before their children.
+        session.add(Run(run_id="r1", started_at=now, drop="landing"))
+        session.flush()
+        session.add(
+            InputFile(
+                file_id=1,
+                sha256="0" * 64,
+                file_name="f.csv",
+                insurer="acme",
+                size_bytes=1,
+                run_id="r1",
+                registered_at=now,
+                status="validated",
+            )
+        )
+        session.flush()  # fmt: skip
+    session.add(
+        Statement(
+            statement_id=f"s{n}",
+            run_id="r1",
+            file_id=1,
+            member_id="M",
+            channel="email",
+            email="x@example.com",
+            claim_lines=1,
+            member_owes=0,
+        )
+    )
+    session.flush()
+    message = Message(message_id=f"m{n}", statement_id=f"s{n}", run_id="r1", attempt=1,
+                      recipient="x@example.com", source_ip="127.0.0.2", ehlo_name="mta",
+                      state=MessageState.PLANNED, created_at=now, updated_at=now)  # fmt: skip
+    session.add(message)
+    session.flush()
+    return message
+
+
+def test_a_legal_path_is_recorded_step_by_step(sessions: sessionmaker[Session]):
+    with sessions.begin() as session:
+        message = _message(session, 1)
+        for state in (MessageState.SENDING, MessageState.ACCEPTED, MessageState.BOUNCED):
+            transition_message(session, message, state, actor="test", reason="why")
+    with sessions() as session:
+        rows = session.scalars(select(StateTransition).order_by(StateTransition.transition_id))
+        assert [(t.from_state, t.to_state) for t in rows] == [
+            ("planned", "sending"), ("sending", "accepted"), ("accepted", "bounced"),
+        ]  # fmt: skip
+
+
+def test_an_illegal_transition_raises_and_changes_nothing(sessions: sessionmaker[Session]):
+    with sessions.begin() as session:
+        message = _message(session, 1)
+        # A bounced message is never sent again: a resend is a new attempt through a case.
+        transition_message(session, message, MessageState.SENDING, actor="test")
+        transition_message(session, message, MessageState.BOUNCED, actor="test")
+        with pytest.raises(IllegalTransition, match="bounced -> sending"):
+            transition_message(session, message, MessageState.SENDING, actor="test")
+        assert message.state == MessageState.BOUNCED
+
+
+def test_a_case_cannot_be_resent_before_verification(sessions: sessionmaker[Session]):
+    with sessions.begin() as session:
+        message = _message(session, 1)
+        now = datetime.now(UTC)
+        case = ResendCase(case_id="c1", message_id=message.message_id, statement_id="s1",
+                          state=CaseState.NEEDS_VERIFICATION, opened_at=now, updated_at=now,
+                          reason="hard_bounce")  # fmt: skip
+        session.add(case)
+        for premature in (CaseState.RESEND_PLANNED, CaseState.RESENT):
+            with pytest.raises(IllegalTransition):
+                transition_case(session, case, premature, actor="test")
+        transition_case(session, case, CaseState.VERIFIED, actor="ops")
+        transition_case(session, case, CaseState.RESEND_PLANNED, actor="ops")
+        assert case.state == CaseState.RESEND_PLANNED
+
+
+def test_every_state_is_in_its_table():
+    assert set(MESSAGE_TRANSITIONS) == set(MessageState)
+    assert set(CASE_TRANSITIONS) == set(CaseState)
+    # Nothing leads back to planned: a message row is sent at most once.
+    assert all(MessageState.PLANNED not in targets for targets in MESSAGE_TRANSITIONS.values())
+
+
+@given(steps=st.lists(st.sampled_from(list(MessageState)), max_size=12))
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          deadline=None)  # fmt: skip
+def test_random_transition_sequences_follow_the_table(sessions, steps):
+    """Legal steps apply and are recorded; illegal ones raise and leave the state as it was."""
+    with sessions() as session:
+        message = _message(session, 1)
+        expected, recorded = MessageState.PLANNED, []
+        for target in steps:
+            if target in MESSAGE_TRANSITIONS[expected]:
+                transition_message(session, message, target, actor="prop")
+                recorded.append((expected.value, target.value))
+                expected = target
+            else:
+                with pytest.raises(IllegalTransition):
+                    transition_message(session, message, target, actor="prop")
+            assert message.state == expected
+        session.flush()
+        history = session.scalars(
+            select(StateTransition).where(StateTransition.entity_id == "m1")
+            .order_by(StateTransition.transition_id)
+        )  # fmt: skip
+        assert [(t.from_state, t.to_state) for t in history] == recorded
+        session.rollback()

@@ -1,0 +1,101 @@
+"""The whole pipeline on the bundled sample drop, against the live TLS sink, on both ledgers."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import mailbox
+from pathlib import Path
+
+import duckdb
+import pytest
+from sqlalchemy import select
+
+from pipeline.config import Settings
+from pipeline.ledger import open_ledger
+from pipeline.ledger.models import Message, ResendCase, Statement, Suppression
+from pipeline.ledger.states import CaseState, MessageState
+from pipeline.runner import run_all
+from tests.conftest import REPO, sample_drop
+
+SAMPLE = REPO / "data_samples" / "landing" / "acme" / "claims_2026-10.csv"
+UNKNOWN = {"mei.chen@example.net", "kwame.asante@example.net"}
+
+
+def sink_deliveries(settings: Settings) -> list[mailbox.MaildirMessage]:
+    return list(mailbox.Maildir(settings.sink_maildir, create=False))
+
+
+def phi_values() -> set[str]:
+    """Every PHI value of the sample drop that is long enough to be identifying in a log."""
+    values: set[str] = set()
+    phi = ["member_id", "first_name", "last_name", "date_of_birth", "address_line", "email",
+           "claim_id", "postal_code"]  # fmt: skip
+    with SAMPLE.open(encoding="utf-8") as stream:
+        for row in csv.DictReader(stream):
+            values.update(v for k in phi if len(v := (row.get(k) or "").strip()) >= 5)
+    return values
+
+
+def test_sample_drop_end_to_end(sink: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.DEBUG)
+    drop = sample_drop(tmp_path)
+
+    run_id, summary = run_all(sink, drop)
+
+    assert summary == {
+        "files": 1, "files_rejected": 0, "claim_lines_accepted": 47,
+        "claim_lines_quarantined": 6, "statements": 12, "pdfs": 12, "messages_accepted": 11,
+        "messages_bounced": 2, "resend_cases_opened": 2,
+    }  # fmt: skip
+    delivered = sink_deliveries(sink)
+    # The sink holds exactly what the ledger says was accepted, each message once.
+    assert len(delivered) == summary["messages_accepted"]
+    assert len({m["Message-ID"] for m in delivered}) == len(delivered)
+    # Both dedicated IPs carried traffic, as seen by the receiver.
+    assert {m["X-Sink-Peer"] for m in delivered} == {"127.0.0.2", "127.0.0.3"}
+    # No PHI in any subject.
+    assert {m["Subject"] for m in delivered} == {"Your Explanation of Benefits is ready"}
+
+    sessions = open_ledger(sink.ledger_url)
+    with sessions() as session:
+        bounced = session.scalars(
+            select(Message).where(Message.state == MessageState.BOUNCED)
+        ).all()
+        assert {m.recipient for m in bounced} == UNKNOWN
+        cases = session.scalars(select(ResendCase)).all()
+        assert {c.message_id for c in cases} == {m.message_id for m in bounced}
+        assert {c.state for c in cases} == {CaseState.NEEDS_VERIFICATION}
+        assert set(session.scalars(select(Suppression.address))) == UNKNOWN
+        # The member without an email address goes to print.
+        assert session.scalar(select(Statement.channel).where(Statement.email.is_(None))) == "print"
+    # Bounced members were sent their statement once, and nothing again.
+    for address in UNKNOWN:
+        assert sum(address in m["X-Sink-Rcpt"] for m in delivered) == 1
+
+    facts_glob = f"{sink.datasets_dir}/delivery_facts/**/*.parquet"
+    facts = duckdb.sql(
+        f"select state, count(*) from read_parquet('{facts_glob}', hive_partitioning=true)"
+        " group by state order by state"
+    ).fetchall()
+    assert facts == [("accepted", 9), ("bounced", 2)]
+
+    # PHI never reaches a log line.
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "send: {'accepted': 11" in logged  # the log capture did see the run
+    leaked = {value for value in phi_values() if value in logged}
+    assert not leaked, f"{len(leaked)} PHI values in log output"
+
+
+def test_second_run_on_same_drop_sends_nothing(sink: Settings, tmp_path: Path):
+    drop = sample_drop(tmp_path)
+    _, first = run_all(sink, drop)
+    delivered_before = len(sink_deliveries(sink))
+
+    _, second = run_all(sink, drop)
+
+    assert first["messages_accepted"] == 11
+    assert second["files"] == 0 and second["messages_accepted"] == 0
+    assert len(sink_deliveries(sink)) == delivered_before
+    with open_ledger(sink.ledger_url)() as session:
+        assert len(session.scalars(select(Message)).all()) == 11
