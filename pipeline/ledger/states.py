@@ -7,8 +7,10 @@ again: it opens a resend case, whose own machine requires verification before a 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -53,6 +55,7 @@ class CaseState(StrEnum):
 
 
 M, C = MessageState, CaseState
+S = TypeVar("S", MessageState, CaseState)
 
 MESSAGE_TRANSITIONS: dict[MessageState, frozenset[MessageState]] = {
     M.PLANNED: frozenset({M.SENDING, M.SUPPRESSED}),
@@ -81,12 +84,10 @@ def transition_message(
 ) -> None:
     """Move `message` to `to`, recording the transition; raise IllegalTransition otherwise."""
     from_state = MessageState(message.state)
-    if to not in MESSAGE_TRANSITIONS[from_state]:
-        raise IllegalTransition("message", message.message_id, from_state, to)
-    message.state = to
-    message.updated_at = _record(
-        session, "message", message.message_id, from_state, to, actor, reason
+    at = _check_and_record(
+        session, "message", message.message_id, MESSAGE_TRANSITIONS, from_state, to, actor, reason
     )
+    message.state, message.updated_at = to, at
 
 
 def transition_case(
@@ -94,25 +95,35 @@ def transition_case(
 ) -> None:
     """Move `case` to `to`, recording the transition; raise IllegalTransition otherwise."""
     from_state = CaseState(case.state)
-    if to not in CASE_TRANSITIONS[from_state]:
-        raise IllegalTransition("case", case.case_id, from_state, to)
-    case.state = to
-    case.updated_at = _record(session, "case", case.case_id, from_state, to, actor, reason)
+    at = _check_and_record(
+        session, "case", case.case_id, CASE_TRANSITIONS, from_state, to, actor, reason
+    )
+    case.state, case.updated_at = to, at
 
 
-def _record(
-    session: Session, kind: str, entity_id: str, from_state: str, to: str, actor: str, reason: str
+def _check_and_record(
+    session: Session,
+    kind: str,
+    entity_id: str,
+    table: Mapping[S, frozenset[S]],
+    from_state: S,
+    to: S,
+    actor: str,
+    reason: str,
 ) -> datetime:
-    now = datetime.now(UTC)
+    """Raise unless `table` allows from_state -> to; else record it and return its time."""
+    if to not in table[from_state]:
+        raise IllegalTransition(kind, entity_id, from_state, to)
+    at = datetime.now(UTC)
     session.add(
         StateTransition(
             entity_kind=kind,
             entity_id=entity_id,
             from_state=from_state,
             to_state=to,
-            at=now,
+            at=at,
             actor=actor,
             reason=reason,
         )
     )
-    return now
+    return at
