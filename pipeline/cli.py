@@ -38,6 +38,8 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Great Expectations narrates its own start-up at INFO (hundreds of lines per run).
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     ctx.obj = load_settings(config)
 
 
