@@ -143,7 +143,7 @@ def _read_csv_as_text(
 
     try:
         header = _read_header(path)
-        missing = [name for name in contract.column_names if name not in header]
+        missing = [f.name for f in contract.fields if not f.nullable and f.name not in header]
         if missing:
             raise FileRejected(path.name, f"missing required columns: {', '.join(missing)}")
         table = pacsv.read_csv(
@@ -154,8 +154,10 @@ def _read_csv_as_text(
                 newlines_in_values=True, invalid_row_handler=set_aside
             ),
             convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(header, pa.string()),
+                column_types=dict.fromkeys(contract.column_names, pa.string()),
                 include_columns=contract.column_names,
+                # Optional columns the file does not have are read as empty.
+                include_missing_columns=True,
                 strings_can_be_null=False,
             ),
         )

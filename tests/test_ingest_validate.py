@@ -92,7 +92,7 @@ def test_missing_column_rejects_the_file_naming_it(tmp_path):
     path = tmp_path / "short.csv"
     path.write_text("member_id,first_name\nA1,Ana\n", encoding="utf-8")
     with pytest.raises(
-        FileRejected, match=r"short\.csv: rejected: missing required columns: last_name"
+        FileRejected, match=r"short\.csv: rejected: missing required columns: claim_id, line_number"
     ):
         parse_claim_lines(path)
 
