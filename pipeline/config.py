@@ -73,6 +73,18 @@ class Settings:
         return self.data_dir / "datasets"
 
     @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def rosters_dir(self) -> Path:
+        return self.data_dir / "rosters"
+
+    @property
     def return_path_maildir(self) -> Path:
         return self.data_dir / "returnpath"
 

@@ -53,6 +53,12 @@ class InputFile(Base):
     rows_accepted: Mapped[int | None]
     rows_quarantined: Mapped[int | None]
     rejection_reason: Mapped[str | None] = mapped_column(Text)
+    # claims or roster
+    kind: Mapped[str] = mapped_column(String(10), server_default="claims")
+    # 1 for the first file of this name from this insurer; new content under an old name counts up.
+    version: Mapped[int] = mapped_column(server_default="1")
+    # Where the original went once processed (archive/<insurer>/<date>/...); never deleted.
+    archived_path: Mapped[str | None] = mapped_column(Text)
 
 
 class Statement(Base):
