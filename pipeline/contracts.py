@@ -51,6 +51,13 @@ class Contract:
         )
 
     @property
+    def staging_schema(self) -> pa.Schema:
+        """The schema with every field nullable: rows are typed before they are validated."""
+        return pa.schema(
+            [f.with_nullable(True) for f in self.schema], metadata=self.schema.metadata
+        )
+
+    @property
     def column_names(self) -> list[str]:
         return [f.name for f in self.fields]
 

@@ -1,139 +1,214 @@
-"""Ingest stage: find the files of a drop, register each once by sha256, parse to the contract.
+"""Ingest stage: read a dropped file in record batches onto a contract, never losing a row.
 
-Parsing never loses a row: a row that cannot be read or typed becomes a quarantine reason
-(file, row, field, rule, message) and every other row is returned typed. Row numbers are
-record numbers with the header as row 1, as a spreadsheet shows them.
+Formats: CSV and pipe-delimited text (either gzip-compressed), parquet, and FHIR
+ExplanationOfBenefit resources (NDJSON or Bundle JSON, see pipeline.fhir). An insurer's own
+column names map onto the contract through its profile (pipeline.profiles).
+
+Every row either comes out typed or leaves a quarantine reason (file, row, field, rule,
+message). Row numbers are what a person finds in the file: for text, the record number with
+the header as row 1; for parquet and FHIR, the record's position from 1. A file that cannot be
+read at all raises FileRejected; its partial output is removed, so nothing of it is processed.
 """
 
 from __future__ import annotations
 
-import hashlib
+import gzip
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
-from pipeline.contracts import Contract, load_contract
+from pipeline.contracts import Contract, ContractField, load_contract
 from pipeline.errors import FileRejected
 
 ROW = "_row"
-_ACCEPTED_SUFFIXES = (".csv",)
+BATCH_ROWS = 250_000
+_BLOCK_BYTES = 16 << 20
 _PATTERNS = {
     "date": r"^\d{4}-\d{2}-\d{2}$",
     "decimal": r"^-?\d{1,10}(\.\d{1,2})?$",
     "int32": r"^\d{1,9}$",
+    "bool": r"^(?i:true|false|yes|no|y|n|1|0)$",
 }
 _TYPE_MESSAGES = {
     "date": "not a date in YYYY-MM-DD form",
     "decimal": "not an amount with at most two decimals",
     "int32": "not a whole number",
+    "bool": "not true/false, yes/no, y/n or 1/0",
 }
+_TRUE = pa.array(["true", "yes", "y", "1"])
+DELIMITERS = {"csv": ",", "pipe": "|"}
 
 
 @dataclass(frozen=True)
-class DroppedFile:
-    path: Path
-    # The folder under the drop root the file was found in.
-    insurer: str
-    sha256: str
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class ParsedFile:
-    # Rows that parsed and typed, in contract order, plus the _row column.
-    rows: pa.Table
-    # Quarantine reasons (schemas/quarantine.json) for rows that did not.
-    quarantine: pa.Table
-    # Every record of the file except the header.
+class IngestResult:
+    # Every record of the file except a text header.
     rows_in: int
+    # Rows that typed cleanly, written to the parsed output.
+    rows_typed: int
 
 
-def find_drop_files(drop: Path) -> list[DroppedFile]:
-    """Files of a drop: `<drop>/<insurer>/<name>.csv`, in name order; partial files are ignored."""
-    found = []
-    for path in sorted(drop.glob("*/*")):
-        if (
-            path.is_file()
-            and path.suffix.lower() in _ACCEPTED_SUFFIXES
-            and not path.name.startswith(".")
+def detect_format(path: Path) -> str:
+    """csv, pipe, parquet or fhir, from the file name (a .gz suffix is looked through)."""
+    name = path.name.lower().removesuffix(".gz")
+    for suffixes, fmt in (
+        ((".csv",), "csv"),
+        ((".psv", ".pipe", ".txt"), "pipe"),
+        ((".parquet",), "parquet"),
+        ((".ndjson", ".json"), "fhir"),
+    ):
+        if name.endswith(suffixes):
+            return fmt
+    raise FileRejected(
+        path.name, "unsupported file type (expected csv, psv, txt, parquet, ndjson, json)"
+    )
+
+
+def ingest_file(
+    path: Path,
+    *,
+    parsed_out: Path,
+    quarantine_out: Path,
+    fmt: str,
+    columns: Mapping[str, str],
+    contract: Contract,
+) -> IngestResult:
+    """Type every record of `path` onto `contract`, streaming; write typed rows and reasons.
+
+    `columns` maps the file's own column names to contract field names (identity otherwise).
+    """
+    typed_schema = contract.staging_schema.append(pa.field(ROW, pa.int64(), nullable=False))
+    parsed_tmp, quarantine_tmp = _tmp(parsed_out), _tmp(quarantine_out)
+    rows_in = rows_typed = 0
+    try:
+        with (
+            pq.ParquetWriter(parsed_tmp, typed_schema) as parsed,
+            pq.ParquetWriter(quarantine_tmp, quarantine_schema()) as quarantine,
         ):
-            found.append(
-                DroppedFile(path, path.parent.name, file_sha256(path), path.stat().st_size)
-            )
-    return found
+            for text, reasons in read_text_batches(
+                path, fmt=fmt, columns=columns, contract=contract
+            ):
+                typed, type_reasons = type_batch(text, contract, path.name)
+                rows_in += text.num_rows + len({r["row_number"] for r in reasons})
+                rows_typed += typed.num_rows
+                parsed.write_batch(typed)
+                quarantine.write_table(_reasons_table(reasons + type_reasons))
+    except BaseException:
+        parsed_tmp.unlink(missing_ok=True)
+        quarantine_tmp.unlink(missing_ok=True)
+        raise
+    parsed_tmp.replace(parsed_out)
+    quarantine_tmp.replace(quarantine_out)
+    return IngestResult(rows_in, rows_typed)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def read_text_batches(
+    path: Path, *, fmt: str, columns: Mapping[str, str], contract: Contract
+) -> Iterator[tuple[pa.RecordBatch, list[dict[str, object]]]]:
+    """(text batch with contract columns and _row, reasons for records that could not be read)."""
+    try:
+        if fmt in DELIMITERS:
+            yield from _text_batches(path, DELIMITERS[fmt], columns, contract)
+        elif fmt == "parquet":
+            yield from _parquet_batches(path, columns, contract)
+        elif fmt == "fhir":
+            yield from _fhir_batches(path, contract)
+        else:
+            raise FileRejected(path.name, f"unknown format {fmt!r}")
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, EOFError) as err:
+        # Arrow's message can quote the offending bytes (PHI); only its kind is kept.
+        raise FileRejected(path.name, f"unreadable as {fmt}: {_kind(err)}") from err
+
+
+def type_batch(
+    text: pa.RecordBatch, contract: Contract, file_name: str
+) -> tuple[pa.RecordBatch, list[dict[str, object]]]:
+    """Cast text columns to the contract's types; rows with an untypeable value are held back."""
+    reasons: list[dict[str, object]] = []
+    ok = pa.array([True] * text.num_rows, pa.bool_())
+    typed = []
+    for field in contract.fields:
+        value = pc.utf8_trim_whitespace(text.column(field.name))
+        value = pc.if_else(pc.equal(value, ""), pa.scalar(None, pa.string()), value)
+        if field.type == "string":
+            typed.append(value)
+            continue
+        cast = _cast(value, field)
+        failed = pc.and_(pc.is_valid(value), pc.is_null(cast))
+        if pc.any(failed).as_py():
+            for n in pc.filter(text.column(ROW), failed).to_pylist():
+                reasons.append(
+                    _reason(
+                        file_name, n, field.name, f"type_{field.type}", _TYPE_MESSAGES[field.type]
+                    )
+                )
+            ok = pc.and_(ok, pc.invert(failed))
+        typed.append(cast)
+    batch = pa.RecordBatch.from_arrays(
+        [*typed, text.column(ROW)],
+        schema=contract.staging_schema.append(pa.field(ROW, pa.int64(), nullable=False)),
+    )
+    return batch.filter(ok), reasons
 
 
 def quarantine_schema() -> pa.Schema:
     return load_contract("quarantine").schema
 
 
-def parse_claim_lines(path: Path, *, contract: Contract | None = None) -> ParsedFile:
-    contract = contract or load_contract("claim_line")
-    raw, header, bad_records = _read_csv_as_text(path, contract)
-    total = raw.num_rows + len(bad_records)
-    bad_numbers = {number for number, _ in bad_records}
-    row_numbers = [n for n in range(2, total + 2) if n not in bad_numbers]
-    raw = raw.append_column(ROW, pa.array(row_numbers, pa.int64()))
+def _reason(file_name: str, row: int, field: str, rule: str, message: str) -> dict[str, object]:
+    return {
+        "file_name": file_name,
+        "row_number": row,
+        "field": field,
+        "rule": rule,
+        "message": message,
+    }
 
-    reasons: list[dict[str, object]] = [
-        {
-            "file_name": path.name,
-            "row_number": n,
-            "field": "*",
-            "rule": "column_count",
-            "message": f"row has {count} fields; the header has {len(header)}",
-        }
-        for n, count in bad_records
+
+def _reasons_table(reasons: list[dict[str, object]]) -> pa.Table:
+    return pa.Table.from_pylist(reasons, schema=quarantine_schema())
+
+
+def _tmp(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _kind(err: BaseException) -> str:
+    text = str(err)
+    if "UTF8" in text or "utf-8" in text.lower() or isinstance(err, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return type(err).__name__
+
+
+def _sources(contract: Contract, columns: Mapping[str, str]) -> dict[str, str]:
+    """Contract field -> the column name the file uses for it."""
+    by_field = {field: theirs for theirs, field in columns.items()}
+    return {f.name: by_field.get(f.name, f.name) for f in contract.fields}
+
+
+def _check_required(
+    file_name: str, present: set[str], sources: dict[str, str], contract: Contract
+) -> None:
+    missing = [
+        sources[f.name]
+        for f in contract.fields
+        if not f.nullable and sources[f.name] not in present
     ]
-    typed_columns = []
-    ok = pa.array([True] * raw.num_rows, pa.bool_())
-    for field in contract.fields:
-        text = pc.utf8_trim_whitespace(raw[field.name])
-        text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
-        if field.type == "string":
-            typed_columns.append(text)
-            continue
-        well_formed = pc.match_substring_regex(text, _PATTERNS[field.type])
-        typed = _cast(pc.if_else(well_formed, text, pa.scalar(None, pa.string())), field.arrow_type)
-        failed = pc.and_(pc.is_valid(text), pc.is_null(typed))
-        for n in pc.filter(raw[ROW], failed).to_pylist():
-            reasons.append(
-                {
-                    "file_name": path.name,
-                    "row_number": n,
-                    "field": field.name,
-                    "rule": f"type_{field.type}",
-                    "message": _TYPE_MESSAGES[field.type],
-                }
-            )
-        ok = pc.and_(ok, pc.invert(failed))
-        typed_columns.append(typed)
-    typed_table = pa.Table.from_arrays(
-        [*typed_columns, raw[ROW]],
-        names=[*contract.column_names, ROW],
-    )
-    return ParsedFile(
-        rows=typed_table.filter(ok),
-        quarantine=pa.Table.from_pylist(reasons, schema=quarantine_schema()),
-        rows_in=total,
-    )
+    if missing:
+        raise FileRejected(file_name, f"missing required columns: {', '.join(missing)}")
 
 
-def _read_csv_as_text(
-    path: Path, contract: Contract
-) -> tuple[pa.Table, list[str], list[tuple[int, int]]]:
-    """Contract columns as text, the header, and (number, field count) of malformed records."""
+def _text_batches(
+    path: Path, delimiter: str, columns: Mapping[str, str], contract: Contract
+) -> Iterator[tuple[pa.RecordBatch, list[dict[str, object]]]]:
+    header = _read_header(path, delimiter)
+    sources = _sources(contract, columns)
+    _check_required(path.name, set(header), sources, contract)
     bad_records: list[tuple[int, int]] = []
 
     def set_aside(row: pacsv.InvalidRow) -> str:
@@ -141,54 +216,152 @@ def _read_csv_as_text(
         bad_records.append((row.number, row.actual_columns))
         return "skip"
 
-    try:
-        header = _read_header(path)
-        missing = [f.name for f in contract.fields if not f.nullable and f.name not in header]
-        if missing:
-            raise FileRejected(path.name, f"missing required columns: {', '.join(missing)}")
-        table = pacsv.read_csv(
-            path,
-            # Single-threaded so that set-aside rows carry their record number.
-            read_options=pacsv.ReadOptions(use_threads=False, encoding="utf8"),
-            parse_options=pacsv.ParseOptions(
-                newlines_in_values=True, invalid_row_handler=set_aside
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(contract.column_names, pa.string()),
-                include_columns=contract.column_names,
-                # Optional columns the file does not have are read as empty.
-                include_missing_columns=True,
-                strings_can_be_null=False,
-            ),
+    reader = pacsv.open_csv(
+        pa.input_stream(str(path)),  # decompresses .gz by its suffix
+        # Single-threaded so that set-aside rows carry their record number.
+        read_options=pacsv.ReadOptions(use_threads=False, block_size=_BLOCK_BYTES),
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter, newlines_in_values=True, invalid_row_handler=set_aside
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types=dict.fromkeys(sources.values(), pa.string()),
+            include_columns=list(sources.values()),
+            # Optional columns the file does not have are read as empty.
+            include_missing_columns=True,
+            strings_can_be_null=False,
+        ),
+    )
+    next_record = 2  # the header is record 1
+    # Numbers of set-aside records not yet passed. The reader parses ahead of the batch it
+    # yields, so a number may belong to a later batch: valid rows are numbered by skipping them.
+    ahead: set[int] = set()
+    for batch in reader:
+        ahead.update(number for number, _ in bad_records)
+        numbers: list[int] = []
+        while len(numbers) < batch.num_rows:
+            if next_record not in ahead:
+                numbers.append(next_record)
+            next_record += 1
+        ahead = {n for n in ahead if n >= next_record}
+        yield (
+            _as_contract(batch, sources, numbers),
+            _column_count_reasons(path, header, bad_records),
         )
-    except pa.ArrowInvalid as err:
-        raise FileRejected(path.name, f"unreadable as CSV: {type(err).__name__}") from err
-    return table, header, bad_records
+    if bad_records:  # malformed records after the last good one
+        yield _as_contract(None, sources, []), _column_count_reasons(path, header, bad_records)
 
 
-def _read_header(path: Path) -> list[str]:
+def _column_count_reasons(
+    path: Path, header: list[str], bad_records: list[tuple[int, int]]
+) -> list[dict[str, object]]:
+    """Reasons for the records set aside so far; the list is emptied."""
+    reasons = [
+        _reason(
+            path.name,
+            n,
+            "*",
+            "column_count",
+            f"row has {count} fields; the header has {len(header)}",
+        )
+        for n, count in bad_records
+    ]
+    bad_records.clear()
+    return reasons
+
+
+def _parquet_batches(
+    path: Path, columns: Mapping[str, str], contract: Contract
+) -> Iterator[tuple[pa.RecordBatch, list[dict[str, object]]]]:
+    source = pq.ParquetFile(path)
+    sources = _sources(contract, columns)
+    present = set(source.schema_arrow.names)
+    _check_required(path.name, present, sources, contract)
+    wanted = [name for name in sources.values() if name in present]
+    first = 1
+    for batch in source.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+        text = pa.RecordBatch.from_arrays(
+            [pc.cast(column, pa.string()) for column in batch.columns], names=batch.schema.names
+        )
+        yield _as_contract(text, sources, list(range(first, first + batch.num_rows))), []
+        first += batch.num_rows
+
+
+def _fhir_batches(
+    path: Path, contract: Contract
+) -> Iterator[tuple[pa.RecordBatch, list[dict[str, object]]]]:
+    from pipeline.fhir import read_fhir_claim_lines
+
+    names = contract.column_names
+    schema = pa.schema([(name, pa.string()) for name in names])
+    rows: list[dict[str, str | None]] = []
+    first = 1
+    for row in read_fhir_claim_lines(path):
+        rows.append(row)
+        if len(rows) == BATCH_ROWS:
+            yield _fhir_batch(rows, schema, first), []
+            first, rows = first + len(rows), []
+    if rows:
+        yield _fhir_batch(rows, schema, first), []
+
+
+def _fhir_batch(rows: list[dict[str, str | None]], schema: pa.Schema, first: int) -> pa.RecordBatch:
+    batch = pa.RecordBatch.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema)
+    numbers = pa.array(range(first, first + len(rows)), pa.int64())
+    return batch.append_column(ROW, numbers)
+
+
+def _as_contract(
+    batch: pa.RecordBatch | None, sources: dict[str, str], numbers: list[int]
+) -> pa.RecordBatch:
+    """Rename the file's columns to the contract's and attach row numbers."""
+    names = list(sources)
+    if batch is None:
+        arrays = [pa.array([], pa.string()) for _ in names]
+    else:
+        arrays = [_text(batch, sources[name]) for name in names]
+    return pa.RecordBatch.from_arrays([*arrays, pa.array(numbers, pa.int64())], names=[*names, ROW])
+
+
+def _text(batch: pa.RecordBatch, name: str) -> pa.Array:
+    index = batch.schema.get_field_index(name)
+    if index < 0:
+        return pa.nulls(batch.num_rows, pa.string())
+    return batch.column(index)
+
+
+def _read_header(path: Path, delimiter: str) -> list[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with path.open("r", encoding="utf-8-sig", newline="") as stream:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as stream:
             first = stream.readline()
     except UnicodeDecodeError as err:
         raise FileRejected(path.name, f"header is not UTF-8 text (byte {err.start})") from err
+    except (OSError, EOFError) as err:
+        raise FileRejected(path.name, f"unreadable: {type(err).__name__}") from err
     if not first.strip():
         raise FileRejected(path.name, "empty file or no header row")
-    names = next(
-        iter(
-            pacsv.read_csv(
-                pa.BufferReader(first.encode()),
-                read_options=pacsv.ReadOptions(autogenerate_column_names=True),
-            ).to_pylist()
-        )
-    )
-    return [str(v) for v in names.values()]
+    names = pacsv.read_csv(
+        pa.BufferReader(first.encode()),
+        read_options=pacsv.ReadOptions(autogenerate_column_names=True),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+    ).to_pylist()[0]
+    return [str(v).strip() for v in names.values()]
 
 
-def _cast(text: pa.ChunkedArray, arrow_type: pa.DataType) -> pa.ChunkedArray:
-    if pa.types.is_date(arrow_type):
+def _cast(text: pa.Array, field: ContractField) -> pa.Array:
+    well_formed = pc.match_substring_regex(text, _PATTERNS[field.type])
+    text = pc.if_else(well_formed, text, pa.scalar(None, pa.string()))
+    if field.type == "date":
         parsed = pc.strptime(text, format="%Y-%m-%d", unit="s", error_is_null=True)
         # strptime rolls impossible dates over (2026-02-30 -> 03-02): keep only round trips.
         round_trips = pc.equal(pc.strftime(parsed, format="%Y-%m-%d"), text)
-        return pc.cast(pc.if_else(round_trips, parsed, pa.scalar(None, parsed.type)), arrow_type)
-    return pc.cast(text, arrow_type)
+        return pc.cast(
+            pc.if_else(round_trips, parsed, pa.scalar(None, parsed.type)), field.arrow_type
+        )
+    if field.type == "bool":
+        return pc.if_else(
+            pc.is_null(text),
+            pa.scalar(None, pa.bool_()),
+            pc.is_in(pc.utf8_lower(text), value_set=_TRUE),
+        )
+    return pc.cast(text, field.arrow_type)
