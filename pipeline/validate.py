@@ -1,25 +1,33 @@
-"""Validate stage: the Great Expectations suite in schemas/expectations/ plus the contract's
-required fields, run over a parsed file; rows that fail any rule are quarantined with reasons.
+"""Validate stage: the Great Expectations suite in schemas/expectations/ (with required fields
+derived from the contract) plus the row rules of pipeline.rules, over a parsed file in record
+batches; then duplicate lines; then the file-level verdict.
 
-Only failing row numbers are taken from GX results: the unexpected values it also returns
-are PHI and never leave this function.
+Every row of the file ends up accepted or quarantined (with file, row, field, rule and a
+message that never quotes the value), and rows in = accepted + quarantined is checked here.
+A file whose share of bad rows exceeds the insurer's limit is rejected whole.
+Only failing row numbers are taken from GX results: the values it also returns are PHI.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.contracts import SCHEMAS_DIR, Contract, load_contract
-from pipeline.ingest import ROW, quarantine_schema
+from pipeline.errors import AccountingError
+from pipeline.ingest import BATCH_ROWS, ROW, quarantine_schema
+from pipeline.rules import RowRule, claim_line_rules, roster_rules
 
 # GX phones home unless told not to; this pipeline makes no network traffic.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -27,20 +35,35 @@ import great_expectations as gx  # noqa: E402
 from great_expectations.core.batch_definition import BatchDefinition  # noqa: E402
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 
-log = logging.getLogger(__name__)
+CONTACT = [
+    "first_name",
+    "last_name",
+    "date_of_birth",
+    "address_line",
+    "city",
+    "state",
+    "postal_code",
+    "email",
+]
+PREFERENCES = ["edelivery_consent", "language"]
+_POSTAL = ["address_line", "city", "state", "postal_code"]
 
 
 @dataclass(frozen=True)
-class ValidatedFile:
-    accepted: pa.Table
-    quarantine: pa.Table
+class FileVerdict:
+    rows_in: int
+    accepted: int
+    quarantined: int
+    # Set when the file is rejected whole; then nothing of it is accepted.
+    rejection: str | None
 
 
 @cache
-def load_suite(name: str = "claim_line") -> gx.ExpectationSuite:
+def load_suite(name: str) -> gx.ExpectationSuite:
     """Required-field checks from the contract, then the suite file's rules."""
     contract = load_contract(name)
     raw = json.loads((SCHEMAS_DIR / "expectations" / f"{name}.json").read_text(encoding="utf-8"))
+    # Claim-line contact columns are checked after the roster fills them (see _contact_rules).
     required = [
         {
             "type": "expect_column_values_to_not_be_null",
@@ -54,28 +77,140 @@ def load_suite(name: str = "claim_line") -> gx.ExpectationSuite:
 
 
 @cache
+def _suite_columns(name: str) -> list[str]:
+    """The columns the suite reads: only these are handed to GX."""
+    kwargs = [e.configuration.kwargs for e in load_suite(name).expectations]
+    return sorted(
+        {k[key] for k in kwargs for key in ("column", "column_A", "column_B") if key in k}
+    )
+
+
+@cache
 def _batch_definition() -> BatchDefinition[Any]:
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = context.data_sources.add_pandas("claims").add_dataframe_asset("claim_lines")
-    return asset.add_batch_definition_whole_dataframe("whole_file")
+    return asset.add_batch_definition_whole_dataframe("whole_batch")
 
 
-def validate_claim_lines(
-    rows: pa.Table, *, file_name: str, contract: Contract | None = None
-) -> ValidatedFile:
-    """Split parsed rows (with the _row column) into accepted rows and quarantine reasons."""
-    contract = contract or load_contract("claim_line")
+def validate_file(
+    *,
+    kind: str,
+    file_name: str,
+    parsed: Path,
+    parse_quarantine: Path,
+    accepted_out: Path,
+    quarantine_out: Path,
+    rows_in: int,
+    run_date: date,
+    roster: pa.Table | None,
+    max_bad_row_share: float,
+) -> FileVerdict:
+    """Validate a parsed file (ingest's output) and write its accepted rows and reasons."""
+    contract = load_contract("roster" if kind == "roster" else "claim_line")
+    rules = roster_rules() if kind == "roster" else claim_line_rules()
+    reasons: list[dict[str, object]] = pq.read_table(parse_quarantine).to_pylist()
+    accepted_tmp = accepted_out.with_name(f".{accepted_out.name}.tmp")
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in _batches(parsed, kind, roster):
+            failures = _gx_failures(batch, contract, file_name) + _rule_failures(
+                batch, rules, file_name, run_date
+            )
+            if kind == "claims":
+                failures += _contact_failures(batch, file_name)
+            reasons += failures
+            failed = pa.array({r["row_number"] for r in failures}, pa.int64())
+            good = batch.filter(pc.invert(pc.is_in(batch.column(ROW), value_set=failed)))
+            writer = writer or pq.ParquetWriter(accepted_tmp, good.schema)
+            writer.write_batch(good)
+    finally:
+        if writer is not None:
+            writer.close()
+    reasons += _drop_duplicates(accepted_tmp, kind, file_name)
+
+    quarantined = len({r["row_number"] for r in reasons})
+    accepted = pq.ParquetFile(accepted_tmp).metadata.num_rows if accepted_tmp.exists() else 0
+    if rows_in != accepted + quarantined:
+        accepted_tmp.unlink(missing_ok=True)
+        raise AccountingError(
+            f"{file_name}: {rows_in} rows in, {accepted} accepted + {quarantined} quarantined"
+        )
+    pq.write_table(pa.Table.from_pylist(reasons, schema=quarantine_schema()), quarantine_out)
+    if rows_in and quarantined / rows_in > max_bad_row_share:
+        accepted_tmp.unlink(missing_ok=True)
+        return FileVerdict(
+            rows_in,
+            0,
+            quarantined,
+            (
+                f"{quarantined} of {rows_in} rows ({quarantined / rows_in:.1%}) failed validation; "
+                f"the limit is {max_bad_row_share:.0%}"
+            ),
+        )
+    if accepted_tmp.exists():
+        accepted_tmp.replace(accepted_out)
+    else:
+        pq.write_table(_empty_accepted(contract, kind), accepted_out)
+    return FileVerdict(rows_in, accepted, quarantined, None)
+
+
+def _batches(parsed: Path, kind: str, roster: pa.Table | None) -> Iterator[pa.RecordBatch]:
+    for batch in pq.ParquetFile(parsed).iter_batches(batch_size=BATCH_ROWS):
+        yield _with_roster(batch, roster) if kind == "claims" else batch
+
+
+def _with_roster(batch: pa.RecordBatch, roster: pa.Table | None) -> pa.RecordBatch:
+    """Fill empty contact columns from the roster; add the member's delivery preferences.
+
+    A member the roster knows gets its consent (absent means no); a member it does not know
+    keeps consent empty, meaning the extract's email address is the member's e-delivery choice.
+    """
+    table = pa.Table.from_batches([batch])
+    if roster is None or roster.num_rows == 0:
+        consent = pa.nulls(batch.num_rows, pa.bool_())
+        language = pa.nulls(batch.num_rows, pa.string())
+        return pa.RecordBatch.from_arrays(
+            [*batch.columns, consent, language], names=[*batch.schema.names, *PREFERENCES]
+        )
+    known = (
+        roster.select(["member_id", *CONTACT, *PREFERENCES])
+        .rename_columns(["member_id", *(f"roster_{c}" for c in CONTACT + PREFERENCES)])
+        .append_column("in_roster", pa.array([True] * roster.num_rows))
+    )
+    joined = table.join(known, "member_id", join_type="left outer").sort_by(ROW)
+    columns = {name: joined[name] for name in table.column_names}
+    for name in CONTACT:
+        columns[name] = pc.coalesce(joined[name], joined[f"roster_{name}"])
+    in_roster = pc.fill_null(joined["in_roster"], False)
+    columns["edelivery_consent"] = pc.if_else(
+        in_roster,
+        pc.fill_null(joined["roster_edelivery_consent"], False),
+        pa.scalar(None, pa.bool_()),
+    )
+    columns["language"] = joined["roster_language"]
+    return pa.Table.from_pydict(columns).combine_chunks().to_batches()[0]
+
+
+def _gx_failures(
+    batch: pa.RecordBatch, contract: Contract, file_name: str
+) -> list[dict[str, object]]:
+    if batch.num_rows == 0:
+        return []
     suite = load_suite(contract.name)
-    if rows.num_rows == 0:
-        return ValidatedFile(rows.drop_columns([ROW]), quarantine_schema().empty_table())
-    frame = rows.drop_columns([ROW]).to_pandas()
-    for field in contract.fields:
-        if field.type == "decimal":
-            # GX compares numbers; the exact decimals stay in the Arrow table.
-            frame[field.name] = frame[field.name].astype("float64")
+    columns = []
+    for name in _suite_columns(contract.name):
+        column = batch.column(name)
+        # GX compares numbers; the exact decimals stay in the Arrow batch.
+        columns.append(
+            pc.cast(column, pa.float64()) if pa.types.is_decimal(column.type) else column
+        )
+    # Arrow-backed columns: no copy into Python objects for GX's pandas engine.
+    frame = pa.table(columns, names=_suite_columns(contract.name)).to_pandas(
+        types_mapper=pd.ArrowDtype
+    )
     # An unnamed index makes GX report bare row numbers; a named one adds the row's values.
-    frame.index = pd.Index(rows[ROW].to_numpy())
+    frame.index = pd.Index(batch.column(ROW).to_numpy())
     result = (
         _batch_definition()
         .get_batch(batch_parameters={"dataframe": frame})
@@ -94,20 +229,85 @@ def validate_claim_lines(
             # An expectation that could not run is a bug in the suite, not bad data.
             raise RuntimeError(f"expectation {config.type} on {file_name} failed to run")
         kwargs = config.kwargs
-        # A two-column rule names both columns: either may be the wrong one.
-        columns = kwargs.get("column") or f"{kwargs['column_A']},{kwargs['column_B']}"
+        field = kwargs.get("column") or f"{kwargs['column_A']},{kwargs['column_B']}"
         for row_number in outcome.result.get("unexpected_index_list") or []:
             reasons.append(
-                {
-                    "file_name": file_name,
-                    "row_number": int(row_number),
-                    "field": columns,
-                    "rule": config.meta["rule"],
-                    "message": config.meta["message"],
-                }
+                _reason(
+                    file_name, int(row_number), field, config.meta["rule"], config.meta["message"]
+                )
             )
-    quarantine = pa.Table.from_pylist(reasons, schema=quarantine_schema())
-    failed_rows = pa.array(sorted({r["row_number"] for r in reasons}), pa.int64())
-    accepted = rows.filter(pc.invert(pc.is_in(rows[ROW], value_set=failed_rows)))
-    log.info("validated %s: %d rows, %d failed", file_name, rows.num_rows, len(failed_rows))
-    return ValidatedFile(accepted.drop_columns([ROW]), quarantine)
+    return reasons
+
+
+def _rule_failures(
+    batch: pa.RecordBatch, rules: tuple[RowRule, ...], file_name: str, run_date: date
+) -> list[dict[str, object]]:
+    reasons = []
+    for rule in rules:
+        failing = rule.failing(batch, run_date)
+        for n in pc.filter(batch.column(ROW), failing).to_pylist():
+            reasons.append(_reason(file_name, n, rule.field, rule.rule, rule.message))
+    return reasons
+
+
+def _contact_failures(batch: pa.RecordBatch, file_name: str) -> list[dict[str, object]]:
+    """After the roster fill: a name to print, and an email or a whole postal address."""
+    valid = {name: pc.is_valid(batch.column(name)) for name in CONTACT}
+    named = pc.and_(valid["first_name"], valid["last_name"])
+    postal = valid["address_line"]
+    for name in _POSTAL[1:]:
+        postal = pc.and_(postal, valid[name])
+    reachable = pc.or_(valid["email"], postal)
+    reasons = []
+    for mask, rule, message in (
+        (named, "member_name", "member has no first and last name in the extract or roster"),
+        (reachable, "member_contact", "member has neither an email nor a complete postal address"),
+    ):
+        for n in pc.filter(batch.column(ROW), pc.invert(mask)).to_pylist():
+            reasons.append(_reason(file_name, n, "member_id", rule, message))
+    return reasons
+
+
+def _drop_duplicates(accepted: Path, kind: str, file_name: str) -> list[dict[str, object]]:
+    """Quarantine repeated lines (claims: same claim, line and status, the first one stays;
+    rosters: same member, the last one stays) and rewrite the accepted file without them."""
+    if not accepted.exists():
+        return []
+    keys = ["claim_id", "line_number", "claim_status"] if kind == "claims" else ["member_id"]
+    table = pq.read_table(accepted, columns=[*keys, ROW])
+    keep = pc.min if kind == "claims" else pc.max
+    agg = "min" if keep is pc.min else "max"
+    kept = table.group_by(keys, use_threads=False).aggregate([(ROW, agg)])[f"{ROW}_{agg}"]
+    if len(kept) == table.num_rows:
+        return []
+    dropped = pc.filter(table[ROW], pc.invert(pc.is_in(table[ROW], value_set=kept))).to_pylist()
+    rewritten = accepted.with_name(accepted.name + ".dedup")
+    with pq.ParquetWriter(rewritten, pq.read_schema(accepted)) as writer:
+        for batch in pq.ParquetFile(accepted).iter_batches(batch_size=BATCH_ROWS):
+            writer.write_batch(batch.filter(pc.is_in(batch.column(ROW), value_set=kept)))
+    rewritten.replace(accepted)
+    rule, message = (
+        ("duplicate_line", "same claim, line and status as an earlier row")
+        if kind == "claims"
+        else ("duplicate_member", "a later row has this member")
+    )
+    return [_reason(file_name, n, ",".join(keys), rule, message) for n in dropped]
+
+
+def _empty_accepted(contract: Contract, kind: str) -> pa.Table:
+    schema = contract.staging_schema.append(pa.field(ROW, pa.int64()))
+    if kind == "claims":
+        schema = schema.append(pa.field("edelivery_consent", pa.bool_())).append(
+            pa.field("language", pa.string())
+        )
+    return schema.empty_table()
+
+
+def _reason(file_name: str, row: int, field: str, rule: str, message: str) -> dict[str, object]:
+    return {
+        "file_name": file_name,
+        "row_number": row,
+        "field": field,
+        "rule": rule,
+        "message": message,
+    }
