@@ -25,8 +25,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline import bounces, datasets, reconcile
 from pipeline.compose import compose_eob_email
 from pipeline.config import Settings
-from pipeline.errors import AccountingError, FileRejected
-from pipeline.ingest import find_drop_files, parse_claim_lines
+from pipeline.contracts import load_contract
+from pipeline.drop import DroppedFile, archive, complete_files
+from pipeline.errors import FileRejected
+from pipeline.ingest import ROW, detect_format, ingest_file
 from pipeline.ledger import audit, open_ledger
 from pipeline.ledger.models import (
     Bounce,
@@ -40,6 +42,8 @@ from pipeline.ledger.models import (
 )
 from pipeline.ledger.states import MessageState, transition_message
 from pipeline.plan import assign_ip, message_token, verp_return_path
+from pipeline.profiles import load_profile
+from pipeline.rejections import write_rejection_report
 from pipeline.render import render_statement_pdf
 from pipeline.send import Outcome, Outgoing, SendResult, SmtpTarget, send_all, tls_context
 from pipeline.statements import Statement as StatementDoc
@@ -165,7 +169,7 @@ def _ingest(ctx: RunContext) -> dict[str, int]:
     counts = dict.fromkeys(["registered", "skipped", "rejected", "rows_in"], 0)
     with ctx.sessions() as session:
         drop = Path(session.get_one(Run, ctx.run_id).drop)
-    for dropped in find_drop_files(drop):
+    for dropped in complete_files(drop):
         with ctx.sessions.begin() as session:
             known = session.scalar(select(InputFile).where(InputFile.sha256 == dropped.sha256))
             if known is not None:
@@ -178,101 +182,173 @@ def _ingest(ctx: RunContext) -> dict[str, int]:
                     actor="ingest",
                     detail=f"run={ctx.run_id}",
                 )
+                archive(dropped, ctx.settings.archive_dir, datetime.now(UTC).date())
                 counts["skipped"] += 1
                 continue
-            record = InputFile(
-                sha256=dropped.sha256,
-                file_name=dropped.path.name,
-                insurer=dropped.insurer,
-                size_bytes=dropped.size_bytes,
-                run_id=ctx.run_id,
-                registered_at=datetime.now(UTC),
-                status="registered",
-            )
-            session.add(record)
-            session.flush()
-            audit(
-                session,
-                "file_registered",
-                "input_file",
-                str(record.file_id),
-                actor="ingest",
-                detail=f"sha256={dropped.sha256}",
-            )
+            record = _register(session, ctx, dropped)
             try:
-                parsed = parse_claim_lines(dropped.path)
+                counts["rows_in"] += _ingest_one(ctx, record, dropped)
+                counts["registered"] += 1
             except FileRejected as err:
-                record.status, record.rejection_reason = "rejected", err.reason
-                audit(
-                    session,
-                    "file_rejected",
-                    "input_file",
-                    str(record.file_id),
-                    actor="ingest",
-                    detail=err.reason,
-                )
+                _reject(ctx, session, record, err.reason, quarantine=None)
                 log.warning("%s", err)
                 counts["rejected"] += 1
-                continue
-            out = ctx.file_dir(record.file_id)
-            out.mkdir(parents=True, exist_ok=True)
-            pq.write_table(parsed.rows, out / "parsed.parquet")
-            pq.write_table(parsed.quarantine, out / "parse_quarantine.parquet")
-            record.rows_in = parsed.rows_in
-            counts["registered"] += 1
-            counts["rows_in"] += parsed.rows_in
+            record.archived_path = str(
+                archive(dropped, ctx.settings.archive_dir, datetime.now(UTC).date())
+            )
     return counts
+
+
+def _register(session: Session, ctx: RunContext, dropped: DroppedFile) -> InputFile:
+    earlier = session.scalar(
+        select(func.count()).where(
+            InputFile.insurer == dropped.insurer, InputFile.file_name == dropped.path.name
+        )
+    )
+    record = InputFile(
+        sha256=dropped.sha256,
+        file_name=dropped.path.name,
+        insurer=dropped.insurer,
+        kind=dropped.kind,
+        version=(earlier or 0) + 1,
+        size_bytes=dropped.size_bytes,
+        run_id=ctx.run_id,
+        registered_at=datetime.now(UTC),
+        status="registered",
+    )
+    session.add(record)
+    session.flush()
+    audit(
+        session,
+        "file_registered",
+        "input_file",
+        str(record.file_id),
+        actor="ingest",
+        detail=f"sha256={dropped.sha256} kind={dropped.kind} version={record.version}",
+    )
+    return record
+
+
+def _ingest_one(ctx: RunContext, record: InputFile, dropped: DroppedFile) -> int:
+    profile = load_profile(dropped.insurer).for_kind(dropped.kind)
+    fmt = detect_format(dropped.path) if profile.format == "auto" else profile.format
+    out = ctx.file_dir(record.file_id)
+    result = ingest_file(
+        dropped.path,
+        parsed_out=out / "parsed.parquet",
+        quarantine_out=out / "parse_quarantine.parquet",
+        fmt=fmt,
+        columns=profile.columns,
+        contract=load_contract("roster" if dropped.kind == "roster" else "claim_line"),
+    )
+    record.rows_in = result.rows_in
+    return result.rows_in
+
+
+def _reject(
+    ctx: RunContext, session: Session, record: InputFile, reason: str, quarantine: pa.Table | None
+) -> None:
+    record.status, record.rejection_reason = "rejected", reason
+    # A rejected file is held back whole: its rows count as quarantined in the accounting.
+    record.rows_accepted, record.rows_quarantined = 0, record.rows_in
+    report = write_rejection_report(
+        ctx.settings.outbox_dir,
+        insurer=record.insurer,
+        file_name=record.file_name,
+        sha256=record.sha256,
+        reason=reason,
+        quarantine=quarantine,
+    )
+    audit(
+        session,
+        "file_rejected",
+        "input_file",
+        str(record.file_id),
+        actor="validate",
+        detail=f"{reason}; report={report.name}",
+    )
 
 
 def _validate(ctx: RunContext) -> dict[str, int]:
     # Great Expectations takes seconds to import: only the validate step pays for it, not every
     # Airflow task that parses the DAG file.
-    from pipeline.validate import validate_claim_lines
+    from pipeline.validate import validate_file
 
-    counts = {"files": 0, "rows_accepted": 0, "rows_quarantined": 0}
+    counts = {"files": 0, "rejected": 0, "rows_accepted": 0, "rows_quarantined": 0}
     with ctx.sessions.begin() as session:
-        for record in _run_files(session, ctx.run_id, "registered"):
+        # Rosters first, so the run's claims are joined with the newest contact details.
+        pending = sorted(
+            _run_files(session, ctx.run_id, "registered"),
+            key=lambda f: (f.kind != "roster", f.file_id),
+        )
+        for record in pending:
             out = ctx.file_dir(record.file_id)
-            checked = validate_claim_lines(
-                pq.read_table(out / "parsed.parquet"), file_name=record.file_name
+            roster_path = ctx.settings.rosters_dir / f"{record.insurer}.parquet"
+            roster = pq.read_table(roster_path) if roster_path.exists() else None
+            verdict = validate_file(
+                kind=record.kind,
+                file_name=record.file_name,
+                parsed=out / "parsed.parquet",
+                parse_quarantine=out / "parse_quarantine.parquet",
+                accepted_out=out / "accepted.parquet",
+                quarantine_out=out / "quarantine.parquet",
+                rows_in=record.rows_in or 0,
+                run_date=datetime.now(UTC).date(),
+                roster=roster if record.kind == "claims" else None,
+                max_bad_row_share=load_profile(record.insurer).max_bad_row_share,
             )
-            quarantine = pa.concat_tables(
-                [pq.read_table(out / "parse_quarantine.parquet"), checked.quarantine]
-            )
-            quarantined = len(pc.unique(quarantine["row_number"]))
-            if record.rows_in != checked.accepted.num_rows + quarantined:
-                raise AccountingError(
-                    f"{record.file_name}: {record.rows_in} rows in, {checked.accepted.num_rows} "
-                    f"accepted + {quarantined} quarantined"
+            counts["files"] += 1
+            if verdict.rejection:
+                _reject(
+                    ctx,
+                    session,
+                    record,
+                    verdict.rejection,
+                    quarantine=pq.read_table(out / "quarantine.parquet"),
                 )
-            pq.write_table(checked.accepted, out / "accepted.parquet")
-            pq.write_table(quarantine, out / "quarantine.parquet")
-            record.rows_accepted, record.rows_quarantined = checked.accepted.num_rows, quarantined
+                counts["rejected"] += 1
+                continue
+            record.rows_accepted, record.rows_quarantined = verdict.accepted, verdict.quarantined
             record.status = "validated"
+            if record.kind == "roster":
+                _merge_roster(roster_path, roster, pq.read_table(out / "accepted.parquet"))
             audit(
                 session,
                 "file_validated",
                 "input_file",
                 str(record.file_id),
                 actor="validate",
-                detail=f"rows_in={record.rows_in} accepted={record.rows_accepted} "
-                f"quarantined={quarantined}",
+                detail=f"rows_in={record.rows_in} accepted={verdict.accepted} "
+                f"quarantined={verdict.quarantined}",
             )
-            counts["files"] += 1
-            counts["rows_accepted"] += checked.accepted.num_rows
-            counts["rows_quarantined"] += quarantined
+            counts["rows_accepted"] += verdict.accepted
+            counts["rows_quarantined"] += verdict.quarantined
     return counts
+
+
+def _merge_roster(path: Path, current: pa.Table | None, newer: pa.Table) -> None:
+    """The insurer's roster: one row per member, the newest file's row winning."""
+    newer = newer.drop_columns([ROW])
+    if current is not None:
+        older = current.filter(pc.invert(pc.is_in(current["member_id"], newer["member_id"])))
+        newer = pa.concat_tables([older, newer])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(newer, tmp)
+    tmp.replace(path)
 
 
 def _statements(ctx: RunContext) -> dict[str, int]:
     counts = {"email": 0, "print": 0}
     with ctx.sessions.begin() as session:
+        consents = _consents(ctx, session)
         for record, doc in _run_statements(ctx, session):
             if session.get(Statement, doc.statement_id) is not None:
                 continue
             email = doc.member.email
             suppressed = email is not None and session.get(Suppression, email.lower()) is not None
-            channel = "email" if email and not suppressed else "print"
+            consented = consents.get(doc.member.member_id) is not False
+            channel = "email" if email and consented and not suppressed else "print"
             session.add(
                 Statement(
                     statement_id=doc.statement_id,
@@ -503,18 +579,31 @@ def _datasets(ctx: RunContext) -> dict[str, int]:
         }
 
 
-def _run_files(session: Session, run_id: str, status: str) -> list[InputFile]:
-    return list(
-        session.scalars(
-            select(InputFile)
-            .where(InputFile.run_id == run_id, InputFile.status == status)
-            .order_by(InputFile.file_id)
+def _run_files(
+    session: Session, run_id: str, status: str, kind: str | None = None
+) -> list[InputFile]:
+    query = select(InputFile).where(InputFile.run_id == run_id, InputFile.status == status)
+    if kind is not None:
+        query = query.where(InputFile.kind == kind)
+    return list(session.scalars(query.order_by(InputFile.file_id)))
+
+
+def _consents(ctx: RunContext, session: Session) -> dict[str, bool | None]:
+    """Member -> e-delivery consent from the roster join (None: no roster row for the member)."""
+    consents: dict[str, bool | None] = {}
+    for record in _run_files(session, ctx.run_id, "validated", kind="claims"):
+        table = pq.read_table(
+            ctx.file_dir(record.file_id) / "accepted.parquet",
+            columns=["member_id", "edelivery_consent"],
         )
-    )
+        consents.update(
+            zip(table["member_id"].to_pylist(), table["edelivery_consent"].to_pylist(), strict=True)
+        )
+    return consents
 
 
 def _run_statements(ctx: RunContext, session: Session) -> Iterator[tuple[InputFile, StatementDoc]]:
-    for record in _run_files(session, ctx.run_id, "validated"):
+    for record in _run_files(session, ctx.run_id, "validated", kind="claims"):
         accepted = pq.read_table(ctx.file_dir(record.file_id) / "accepted.parquet")
         for doc in build_statements(accepted, file_sha256=record.sha256):
             yield record, doc
