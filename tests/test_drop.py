@@ -1,0 +1,137 @@
+"""The drop protocol, insurer profiles and rejection reports, through the runner."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pipeline.config import Settings
+from pipeline.drop import complete_files
+from pipeline.errors import ConfigError
+from pipeline.ledger import open_ledger
+from pipeline.ledger.models import InputFile
+from pipeline.profiles import load_profile
+from pipeline.runner import run_stage, start_run
+from tests.conftest import REPO
+
+SAMPLE = REPO / "data_samples" / "landing" / "acme" / "claims_2026-10.csv"
+
+
+def drop_with(tmp_path: Path, insurer: str, files: dict[str, bytes]) -> Path:
+    folder = tmp_path / "landing" / insurer
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return folder.parent
+
+
+def ingest_and_validate(settings: Settings, drop: Path) -> tuple[str, dict[str, int]]:
+    run_id = start_run(settings, drop)
+    counts = run_stage(settings, run_id, "ingest")
+    counts |= {f"validate_{k}": v for k, v in run_stage(settings, run_id, "validate").items()}
+    return run_id, counts
+
+
+def test_files_still_being_uploaded_are_left_alone(tmp_path):
+    drop = drop_with(tmp_path, "acme", {
+        "claims.csv": b"x", ".claims2.csv": b"x", "claims3.csv.part": b"x", "claims4.csv.tmp": b"x",
+    })  # fmt: skip
+    assert [f.path.name for f in complete_files(drop)] == ["claims.csv"]
+
+
+def test_marker_completion_needs_the_marker(tmp_path, monkeypatch):
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "beta.toml").write_text('completion = "marker"\n')
+    monkeypatch.setattr("pipeline.profiles.PROFILES_DIR", profiles)
+    monkeypatch.setattr("pipeline.drop.load_profile", lambda name: load_profile(name, profiles))
+    drop = drop_with(tmp_path, "beta", {"a.csv": b"x", "b.csv": b"y", "b.csv.ready": b""})
+    assert [f.path.name for f in complete_files(drop)] == ["b.csv"]
+
+
+def test_rosters_are_told_apart_by_name(tmp_path):
+    drop = drop_with(tmp_path, "acme", {"roster_2026-11.csv": b"r", "claims.csv": b"c"})
+    assert {(f.path.name, f.kind) for f in complete_files(drop)} == {
+        ("roster_2026-11.csv", "roster"), ("claims.csv", "claims"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('completion = "sometimes"\n', "completion"),
+        ("max_bad_row_share = 2\n", "max_bad_row_share"),
+        ("colour = 1\n", "colour"),
+        ('[claims]\nformat = "xml"\n', "claims.format"),
+        ('[claims.columns]\nMBR = "member_number"\n', "claims.columns.MBR"),
+    ],
+)
+def test_a_bad_profile_names_the_file_and_setting(tmp_path, text, named):
+    (tmp_path / "gamma.toml").write_text(text)
+    with pytest.raises(ConfigError, match=rf"gamma\.toml: .*{named}"):
+        load_profile("gamma", tmp_path)
+
+
+def test_versions_archive_and_duplicates(settings, tmp_path):
+    first = drop_with(tmp_path / "one", "acme", {"claims.csv": SAMPLE.read_bytes()})
+    ingest_and_validate(settings, first)
+    assert not (first / "acme" / "claims.csv").exists()  # archived, not left in landing
+
+    # The same name with new content is version 2; the old content under a new name is skipped.
+    changed = SAMPLE.read_bytes().replace(b"CLM5007", b"CLM9007")
+    second = drop_with(
+        tmp_path / "two", "acme", {"claims.csv": changed, "again.csv": SAMPLE.read_bytes()}
+    )
+    _, counts = ingest_and_validate(settings, second)
+    assert (counts["registered"], counts["skipped"]) == (1, 1)
+
+    with open_ledger(settings.ledger_url)() as session:
+        files = session.scalars(select(InputFile).order_by(InputFile.file_id)).all()
+        assert [(f.file_name, f.version, f.status) for f in files] == [
+            ("claims.csv", 1, "validated"), ("claims.csv", 2, "validated"),
+        ]  # fmt: skip
+        archived = [Path(f.archived_path or "") for f in files]
+    assert all(p.is_file() and p.is_relative_to(settings.archive_dir) for p in archived)
+    assert len(list(settings.archive_dir.rglob("*.csv"))) == 3  # the skipped copy is kept too
+
+
+def test_a_rejected_file_gets_a_report_without_values(settings, tmp_path, monkeypatch):
+    strict = replace(load_profile("acme"), max_bad_row_share=0.05)
+    monkeypatch.setattr("pipeline.runner.load_profile", lambda insurer: strict)
+    drop = drop_with(tmp_path, "acme", {"claims.csv": SAMPLE.read_bytes()})
+    _, counts = ingest_and_validate(settings, drop)
+    assert counts["validate_rejected"] == 1
+    report = (settings.outbox_dir / "acme" / "claims.csv.rejected.txt").read_text()
+    listing = (settings.outbox_dir / "acme" / "claims.csv.rejected.csv").read_text()
+    assert "6 of 53 rows (11.3%) failed validation; the limit is 5%" in report
+    assert "npi_format" in report and "row_number,field,rule,message" in listing.replace('"', "")
+    sample_text = SAMPLE.read_text(encoding="utf-8")
+    for value in ("Okafor", "ana.perez@example.com", "4521 Alder Ct", "A1000003", "1984-03-12"):
+        assert value in sample_text and value not in report + listing
+    with open_ledger(settings.ledger_url)() as session:
+        record = session.scalars(select(InputFile)).one()
+        assert (record.status, record.rows_in, record.rows_accepted) == ("rejected", 53, 0)
+
+
+def test_an_unreadable_file_is_rejected_with_a_report(settings, tmp_path):
+    drop = drop_with(tmp_path, "acme", {"claims.csv": b"member_id\nA1\n"})
+    _, counts = ingest_and_validate(settings, drop)
+    assert counts["rejected"] == 1
+    report = (settings.outbox_dir / "acme" / "claims.csv.rejected.txt").read_text()
+    assert "missing required columns: claim_id" in report
+
+
+def test_a_roster_drop_supplies_contact_and_consent(settings, tmp_path):
+    bare = SAMPLE.read_text(encoding="utf-8").replace("mei.chen@example.net", "")
+    roster = ("member_id,first_name,last_name,email,edelivery_consent,language\n"
+              "A1000003,Mei,Chen,mei.c@example.org,yes,en\n"
+              "A1000004,Samuel,Okafor,sam.okafor@example.com,no,en\n")  # fmt: skip
+    drop = drop_with(tmp_path, "acme", {"claims.csv": bare.encode(), "roster.csv": roster.encode()})
+    run_id, counts = ingest_and_validate(settings, drop)
+    statements = run_stage(settings, run_id, "statements")
+    assert counts["validate_files"] == 2
+    # Okafor said no to e-delivery: print. Without a roster row, the extract's address counts.
+    assert statements == {"email": 10, "print": 2}
