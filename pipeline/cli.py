@@ -100,6 +100,22 @@ def demo(settings: Settings, data_dir: Path) -> None:
     _print_datasets(result.settings)
 
 
+@main.command("data-dictionary")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("docs/data_dictionary.md"),
+    show_default=True,
+)
+def data_dictionary_command(out: Path) -> None:
+    """Write the data dictionary generated from the contracts in schemas/."""
+    from pipeline.contracts import data_dictionary
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(data_dictionary(), encoding="utf-8")
+    click.echo(str(out))
+
+
 @main.command()
 @click.option("--port", type=int, default=None, help="Port (default: the smtp_port setting).")
 @click.pass_obj

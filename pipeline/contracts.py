@@ -74,3 +74,26 @@ def load_contract(name: str) -> Contract:
         version=raw["version"],
         fields=tuple(ContractField(**f) for f in raw["fields"]),
     )
+
+
+DATA_CONTRACTS = ("claim_line", "roster", "quarantine", "delivery_facts", "audit_events")
+
+
+def data_dictionary() -> str:
+    """docs/data_dictionary.md, generated from the contracts (`eob data-dictionary`)."""
+    parts = [
+        "# Data dictionary",
+        "",
+        "Generated from `schemas/*.json` by `eob data-dictionary`; do not edit by hand.",
+    ]
+    for name in DATA_CONTRACTS:
+        raw = json.loads((SCHEMAS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+        contract = load_contract(name)
+        parts += ["", f"## {name} (version {contract.version})", "", raw["description"], ""]
+        parts += ["| field | type | required | PHI | meaning |", "|---|---|---|---|---|"]
+        parts += [
+            f"| `{f.name}` | {f.type} | {'no' if f.nullable else 'yes'} | "
+            f"{'yes' if f.phi else 'no'} | {f.description} |"
+            for f in contract.fields
+        ]
+    return "\n".join(parts) + "\n"

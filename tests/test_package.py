@@ -44,3 +44,10 @@ def test_pipeline_and_its_stages_import_without_airflow():
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
+
+
+def test_the_committed_data_dictionary_matches_the_contracts():
+    from pipeline.contracts import data_dictionary
+
+    committed = (REPO / "docs" / "data_dictionary.md").read_text(encoding="utf-8")
+    assert committed == data_dictionary(), "run `eob data-dictionary` and commit the result"
