@@ -353,11 +353,10 @@ def _cast(text: pa.Array, field: ContractField) -> pa.Array:
     text = pc.if_else(well_formed, text, pa.scalar(None, pa.string()))
     if field.type == "date":
         parsed = pc.strptime(text, format="%Y-%m-%d", unit="s", error_is_null=True)
-        # strptime rolls impossible dates over (2026-02-30 -> 03-02): keep only round trips.
-        round_trips = pc.equal(pc.strftime(parsed, format="%Y-%m-%d"), text)
-        return pc.cast(
-            pc.if_else(round_trips, parsed, pa.scalar(None, parsed.type)), field.arrow_type
-        )
+        # strptime rolls impossible dates over (2026-02-30 -> 03-02): the day must survive.
+        day = pc.cast(pc.utf8_slice_codeunits(text, 8, 10), pa.int64())
+        kept = pc.equal(pc.day(parsed), day)
+        return pc.cast(pc.if_else(kept, parsed, pa.scalar(None, parsed.type)), field.arrow_type)
     if field.type == "bool":
         return pc.if_else(
             pc.is_null(text),

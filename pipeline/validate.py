@@ -205,10 +205,7 @@ def _gx_failures(
         columns.append(
             pc.cast(column, pa.float64()) if pa.types.is_decimal(column.type) else column
         )
-    # Arrow-backed columns: no copy into Python objects for GX's pandas engine.
-    frame = pa.table(columns, names=_suite_columns(contract.name)).to_pandas(
-        types_mapper=pd.ArrowDtype
-    )
+    frame = pa.table(columns, names=_suite_columns(contract.name)).to_pandas()
     # An unnamed index makes GX report bare row numbers; a named one adds the row's values.
     frame.index = pd.Index(batch.column(ROW).to_numpy())
     result = (
