@@ -26,8 +26,9 @@ _PLAIN_EMAIL = (
     r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,64}(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,64})*"
     r"@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
 )
-# Adjustment reasons: a CARC with its group code (CO-45, PR-1, OA-23) or a RARC (N130, MA04).
-_ADJUSTMENT = r"^((CO|PR|OA|PI|CR)-([1-9][0-9]{0,2}|[A-Z][0-9]{1,2})|(M|MA|N)[0-9]{1,3})$"
+# Adjustment reasons: a CARC, with or without its group code (CO-45, 45, PR-1), or a RARC
+# (N130, MA04). FHIR EOBs usually carry the CARC without its group.
+_ADJUSTMENT = r"^(((CO|PR|OA|PI|CR)-)?([1-9][0-9]{0,2}|[A-Z][0-9]{1,2})|(M|MA|N)[0-9]{1,3})$"
 EARLIEST_SERVICE = date(2000, 1, 1)
 
 
@@ -69,11 +70,11 @@ def _allowed_not_paid_plus_member(batch: pa.RecordBatch, _run: date) -> pa.Array
 
 
 def _parts_not_member_share(batch: pa.RecordBatch, _run: date) -> pa.Array:
-    parts = ["deductible_amount", "copay_amount", "coinsurance_amount"]
-    given = pc.or_(
-        pc.or_(*[pc.is_valid(batch.column(p)) for p in parts[:2]]),
-        pc.is_valid(batch.column(parts[2])),
-    )
+    # CARIN Blue Button's member liability: deductible + copay + coinsurance + not covered.
+    parts = ["deductible_amount", "copay_amount", "coinsurance_amount", "noncovered_amount"]
+    given = pc.is_valid(batch.column(parts[0]))
+    for part in parts[1:]:
+        given = pc.or_(given, pc.is_valid(batch.column(part)))
     total = ZERO
     for part in parts:
         total = pc.add(total, pc.fill_null(batch.column(part), ZERO))
@@ -183,8 +184,8 @@ def claim_line_rules() -> tuple[RowRule, ...]:
         RowRule(
             "member_share_parts",
             "member_responsibility",
-            "deductible + copay + coinsurance differ from member responsibility by more "
-            "than a cent",
+            "deductible + copay + coinsurance + not covered differ from member "
+            "responsibility by more than a cent",
             _parts_not_member_share,
         ),
         RowRule(
@@ -220,7 +221,7 @@ def claim_line_rules() -> tuple[RowRule, ...]:
         RowRule(
             "adjustment_code_syntax",
             "adjustment_codes",
-            "an adjustment code is neither a group-coded CARC (CO-45) nor a RARC (N130)",
+            "an adjustment code is neither a CARC (45, CO-45) nor a RARC (N130)",
             _bad_adjustment_code,
         ),
         RowRule("email_syntax", "email", "email address is not valid", EmailCheck()),

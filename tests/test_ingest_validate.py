@@ -99,7 +99,7 @@ def sample_copy(tmp_path: Path) -> Path:
         ({"allowed_amount": "999.00"}, "billed_amount,allowed_amount", "billed_at_least_allowed"),
         ({"plan_paid": "10.00"}, PAIRS["allowed_is_paid_plus_member"],
          "allowed_is_paid_plus_member"),
-        ({"deductible_amount": "5.00", "copay_amount": "5.00"}, "member_responsibility",
+        ({"deductible_amount": "5.00", "noncovered_amount": "5.00"}, "member_responsibility",
          "member_share_parts"),
         ({"service_date": "2026-02-30"}, "service_date", "type_date"),
         ({"adjudication_date": "2026-09-01"}, PAIRS["adjudicated_after_service"],
@@ -113,6 +113,7 @@ def sample_copy(tmp_path: Path) -> Path:
         ({"diagnosis_code": "I1"}, "diagnosis_code", "diagnosis_code_format"),
         ({"claim_status": "lost"}, "claim_status", "claim_status"),
         ({"adjustment_codes": "CO-45;XYZ"}, "adjustment_codes", "adjustment_code_syntax"),
+        ({"adjustment_codes": "ZZ-45"}, "adjustment_codes", "adjustment_code_syntax"),
         ({"postal_code": "9372"}, "postal_code", "postal_code_format"),
         ({"email": "not-an-address"}, "email", "email_syntax"),
         ({"email": "two@@example.com"}, "email", "email_syntax"),
@@ -144,7 +145,7 @@ def test_each_rule_quarantines_its_row_without_the_value(tmp_path, changes, fiel
         # A denied line allows nothing; the member may owe the billed amount.
         {"claim_status": "denied", "allowed_amount": "0.00", "plan_paid": "0.00",
          "member_responsibility": "120.00", "noncovered_amount": "120.00",
-         "adjustment_codes": "CO-50;N130"},
+         "adjustment_codes": "CO-50;N130;96"},
         {"deductible_amount": "10.00", "copay_amount": "10.00", "coinsurance_amount": "0.00"},
         {"email": "zoë.lambert@exämple.de"},  # internationalised: email-validator's call
         {"email": ""},  # a postal address alone is enough contact
