@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.contracts import SCHEMAS_DIR, Contract, load_contract
 from pipeline.errors import AccountingError
-from pipeline.ingest import BATCH_ROWS, ROW, quarantine_schema
+from pipeline.ingest import ROW, quarantine_schema
 from pipeline.rules import RowRule, claim_line_rules, roster_rules
 
 # GX phones home unless told not to; this pipeline makes no network traffic.
@@ -47,6 +48,8 @@ CONTACT = [
 ]
 PREFERENCES = ["edelivery_consent", "language"]
 _POSTAL = ["address_line", "city", "state", "postal_code"]
+# Rows per validation batch: GX works on a pandas copy, so this bounds the stage's memory.
+BATCH_ROWS = 125_000
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ def validate_file(
     reasons: list[dict[str, object]] = pq.read_table(parse_quarantine).to_pylist()
     accepted_tmp = accepted_out.with_name(f".{accepted_out.name}.tmp")
     writer: pq.ParquetWriter | None = None
+    keys = _DUPLICATE_KEYS[kind]
+    fingerprints: list[np.ndarray] = []
     try:
         for batch in _batches(parsed, kind, roster):
             failures = _gx_failures(batch, contract, file_name) + _rule_failures(
@@ -124,10 +129,12 @@ def validate_file(
             good = batch.filter(pc.invert(pc.is_in(batch.column(ROW), value_set=failed)))
             writer = writer or pq.ParquetWriter(accepted_tmp, good.schema)
             writer.write_batch(good)
+            fingerprints.append(_fingerprints(good, keys))
     finally:
         if writer is not None:
             writer.close()
-    reasons += _drop_duplicates(accepted_tmp, kind, file_name)
+    if fingerprints:
+        reasons += _drop_duplicates(accepted_tmp, kind, file_name, np.concatenate(fingerprints))
 
     quarantined = len({r["row_number"] for r in reasons})
     accepted = pq.ParquetFile(accepted_tmp).metadata.num_rows if accepted_tmp.exists() else 0
@@ -265,30 +272,60 @@ def _contact_failures(batch: pa.RecordBatch, file_name: str) -> list[dict[str, o
     return reasons
 
 
-def _drop_duplicates(accepted: Path, kind: str, file_name: str) -> list[dict[str, object]]:
-    """Quarantine repeated lines (claims: same claim, line and status, the first one stays;
-    rosters: same member, the last one stays) and rewrite the accepted file without them."""
-    if not accepted.exists():
+# Lines that repeat: claims by claim, line and status (the first stays); rosters by member
+# (the last stays: a later row is the newer one).
+_DUPLICATE_KEYS = {"claims": ["claim_id", "line_number", "claim_status"], "roster": ["member_id"]}
+_FINGERPRINT = np.dtype([("hash", np.uint64), ("row", np.int64)])
+
+
+def _fingerprints(batch: pa.RecordBatch, keys: list[str]) -> np.ndarray:
+    """(64-bit hash of the key columns, row number) per row: 16 bytes a row, whatever the keys."""
+    text = [pc.fill_null(pc.cast(batch.column(k), pa.string()), "\x00") for k in keys]
+    joined = pc.binary_join_element_wise(*text, "\x1f") if len(text) > 1 else text[0]
+    out = np.empty(batch.num_rows, dtype=_FINGERPRINT)
+    out["hash"] = pd.util.hash_array(joined.to_numpy(zero_copy_only=False))
+    out["row"] = batch.column(ROW).to_numpy()
+    return out
+
+
+def _drop_duplicates(
+    accepted: Path, kind: str, file_name: str, fingerprints: np.ndarray
+) -> list[dict[str, object]]:
+    """Quarantine repeated lines and rewrite the accepted file without them.
+
+    Candidates come from equal fingerprints (sorted, no hash table over the whole file); each is
+    confirmed on its real key values, so a hash collision never drops a line.
+    """
+    order = np.argsort(fingerprints, order=["hash", "row"], kind="stable")
+    ranked = fingerprints[order]
+    same_as_previous = ranked["hash"][1:] == ranked["hash"][:-1]
+    if not same_as_previous.any():
         return []
-    keys = ["claim_id", "line_number", "claim_status"] if kind == "claims" else ["member_id"]
-    table = pq.read_table(accepted, columns=[*keys, ROW])
-    keep = pc.min if kind == "claims" else pc.max
-    agg = "min" if keep is pc.min else "max"
-    kept = table.group_by(keys, use_threads=False).aggregate([(ROW, agg)])[f"{ROW}_{agg}"]
-    if len(kept) == table.num_rows:
+    keys = _DUPLICATE_KEYS[kind]
+    in_group = np.zeros(len(ranked), dtype=bool)
+    in_group[1:] |= same_as_previous
+    in_group[:-1] |= same_as_previous
+    candidates = pa.array(ranked["row"][in_group])
+    rows = pq.read_table(
+        accepted, columns=[*keys, ROW], filters=pc.is_in(pc.field(ROW), candidates)
+    )
+    # Among rows with equal keys the first (claims) or the last (rosters) stays.
+    agg = "min" if kind == "claims" else "max"
+    kept = rows.group_by(keys, use_threads=False).aggregate([(ROW, agg)])[f"{ROW}_{agg}"]
+    dropped = pc.filter(rows[ROW], pc.invert(pc.is_in(rows[ROW], value_set=kept)))
+    if len(dropped) == 0:
         return []
-    dropped = pc.filter(table[ROW], pc.invert(pc.is_in(table[ROW], value_set=kept))).to_pylist()
     rewritten = accepted.with_name(accepted.name + ".dedup")
     with pq.ParquetWriter(rewritten, pq.read_schema(accepted)) as writer:
         for batch in pq.ParquetFile(accepted).iter_batches(batch_size=BATCH_ROWS):
-            writer.write_batch(batch.filter(pc.is_in(batch.column(ROW), value_set=kept)))
+            writer.write_batch(batch.filter(pc.invert(pc.is_in(batch.column(ROW), dropped))))
     rewritten.replace(accepted)
     rule, message = (
         ("duplicate_line", "same claim, line and status as an earlier row")
         if kind == "claims"
         else ("duplicate_member", "a later row has this member")
     )
-    return [_reason(file_name, n, ",".join(keys), rule, message) for n in dropped]
+    return [_reason(file_name, n, ",".join(keys), rule, message) for n in dropped.to_pylist()]
 
 
 def _empty_accepted(contract: Contract, kind: str) -> pa.Table:

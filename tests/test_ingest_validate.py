@@ -356,3 +356,18 @@ def test_bom_and_crlf_files_read_like_the_original(tmp_path, transform):
     path.write_bytes(transform(SAMPLE.read_bytes()))
     verdict, _ = check(path)
     assert (verdict.accepted, verdict.quarantined) == (47, 6)
+
+
+@given(keys=st.lists(st.tuples(st.sampled_from("ABC"), st.integers(1, 3)), min_size=1, max_size=40))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_duplicates_are_exactly_the_repeats_after_the_first(tmp_path, keys):
+    rows = [{**GOOD, "claim_id": claim, "line_number": str(line)} for claim, line in keys]
+    path = write(tmp_path, rows)
+    _, reasons = check(path)
+    seen: set[tuple[str, int]] = set()
+    expected = set()
+    for number, key in enumerate(keys, start=2):
+        if key in seen:
+            expected.add(number)
+        seen.add(key)
+    assert {r["row_number"] for r in reasons if r["rule"] == "duplicate_line"} == expected
