@@ -491,7 +491,7 @@ def _send(ctx: RunContext) -> dict[str, int]:
         if policy.mode == "relay"
         else MxRouter()
     )
-    tls = tls_context(str(settings.ca_file), policy.tls_min_version)
+    tls = tls_context(settings.ca_file, policy.tls_min_version)
     send_all(outgoing, policy, router, tls, Callbacks(render, notice, record))
     return counts
 

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 import aiosmtplib
 
@@ -119,7 +120,7 @@ class GroupCommit:
                 done.set_result(None)
 
 
-def tls_context(ca_file: str, min_version: str = "1.2") -> ssl.SSLContext:
+def tls_context(ca_file: Path | str, min_version: str = "1.2") -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
