@@ -8,7 +8,7 @@ directories under a temp dir), listens on 127.0.0.28 only, offers STARTTLS and d
 accepts. A second, throttled run checks each IP's achieved rate against its configured rate.
 
 Usage: python benchmarks/send_postfix.py [MESSAGES] [THROTTLED_RATE_PER_IP]
-       (defaults 100000 and 25 messages/s; needs root and Debian's postfix)
+       (defaults 100000 and 3 messages/s; needs root and Debian's postfix)
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def per_ip_rates(settings: Settings, run_id: str) -> dict[str, float]:
 
 def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    throttled_rate = float(sys.argv[2]) if len(sys.argv) > 2 else 25.0
+    throttled_rate = float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         certs = ensure_certificates(tmp / "certs", POSTFIX_HOST)

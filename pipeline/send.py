@@ -136,17 +136,17 @@ def send_all(
     callbacks: Callbacks,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Send every message in its lane; returns when each has had its `on_result`."""
+    """Send every message in its lane; returns when every result is recorded."""
     queues: dict[tuple[str, str], deque[Outgoing]] = {}
     for message in messages:
         queues.setdefault((message.source_ip, message.provider), deque()).append(message)
 
     async def main() -> None:
-        ledger = GroupCommit(callbacks.record)
+        env = _Env(policy, router, tls, callbacks, GroupCommit(callbacks.record))
         lanes = []
         for (ip, provider), queue in queues.items():
             lane = Lane(ip, policy.providers[provider], policy.backoff, clock)
-            lanes.append(_run_lane(lane, queue, policy, router, tls, callbacks, ledger))
+            lanes.append(_run_lane(lane, queue, env))
         await asyncio.gather(*lanes)
 
     asyncio.run(main())
@@ -162,6 +162,17 @@ class _NoTls(Exception):
         self.plain = plain
 
 
+@dataclass(frozen=True)
+class _Env:
+    """What every lane shares."""
+
+    policy: SendingPolicy
+    router: Router
+    tls: ssl.SSLContext
+    callbacks: Callbacks
+    ledger: GroupCommit
+
+
 @dataclass
 class _Connection:
     client: aiosmtplib.SMTP
@@ -169,39 +180,19 @@ class _Connection:
     sent: int = 0
 
 
-async def _run_lane(
-    lane: Lane,
-    queue: deque[Outgoing],
-    policy: SendingPolicy,
-    router: Router,
-    tls: ssl.SSLContext,
-    callbacks: Callbacks,
-    ledger: GroupCommit,
-) -> None:
+async def _run_lane(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
     workers = min(lane.provider.max_connections_per_ip, len(queue))
-    await asyncio.gather(
-        *(_lane_worker(lane, queue, policy, router, tls, callbacks, ledger) for _ in range(workers))
-    )
-    if queue:
-        wait = lane.suspended_until - lane.clock()
-        log.warning(
-            "lane %s/%s suspended: %d messages held", lane.ip, lane.provider.name, len(queue)
-        )
+    await asyncio.gather(*(_lane_worker(lane, queue, env) for _ in range(workers)))
+    if not queue:
+        return
+    wait = lane.suspended_until - lane.clock()
+    log.warning("lane %s/%s suspended: %d messages held", lane.ip, lane.provider.name, len(queue))
     held = [SendResult(m.message_id, Outcome.HELD, None, "lane suspended", wait) for m in queue]
     queue.clear()
-    if held:
-        await ledger.commit(held)
+    await env.ledger.commit(held)
 
 
-async def _lane_worker(
-    lane: Lane,
-    queue: deque[Outgoing],
-    policy: SendingPolicy,
-    router: Router,
-    tls: ssl.SSLContext,
-    callbacks: Callbacks,
-    ledger: GroupCommit,
-) -> None:
+async def _lane_worker(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
     connection: _Connection | None = None
     # The previous message's result, recorded together with the next claim.
     unrecorded: list[Event] = []
@@ -212,7 +203,7 @@ async def _lane_worker(
             if lane.suspended:  # suspended by another connection's reply while we waited
                 queue.appendleft(message)
                 break
-            route = await router.route(message.source_ip, message.recipient.rpartition("@")[2])
+            route = await env.router.route(message.source_ip, message.recipient.rpartition("@")[2])
             if connection is not None and (
                 connection.route != route
                 or connection.sent >= lane.provider.max_messages_per_connection
@@ -220,8 +211,8 @@ async def _lane_worker(
             ):
                 await _close(connection.client)
                 connection = None
-            await ledger.commit([*unrecorded, Claim(message)])
-            result, connection = await _attempt(connection, route, message, policy, tls, callbacks)
+            await env.ledger.commit([*unrecorded, Claim(message)])
+            result, connection = await _attempt(connection, route, message, env)
             if result.code is None or result.code >= 400:
                 rule = lane.observe(result.code, result.reply)
                 if rule is not None:
@@ -232,26 +223,24 @@ async def _lane_worker(
         if connection is not None:
             await _close(connection.client)
     if unrecorded:
-        await ledger.commit(unrecorded)
+        await env.ledger.commit(unrecorded)
 
 
 async def _attempt(
     connection: _Connection | None,
     route: Route,
     message: Outgoing,
-    policy: SendingPolicy,
-    tls: ssl.SSLContext,
-    callbacks: Callbacks,
+    env: _Env,
 ) -> tuple[SendResult, _Connection | None]:
     if connection is None:
         try:
-            connection = _Connection(await _open(route, message, policy, tls), route)
+            connection = _Connection(await _open(route, message, env.policy, env.tls), route)
         except _NoTls as no_tls:
-            return await _fallback(no_tls, route, message, policy, callbacks), None
+            return await _fallback(no_tls, route, message, env.policy, env.callbacks), None
         except (aiosmtplib.SMTPException, OSError) as err:
             log.warning("no connection from %s: %s", message.source_ip, type(err).__name__)
             return _failed(message, err), None
-    result = await _transaction(connection.client, message, callbacks.render(message))
+    result = await _transaction(connection.client, message, env.callbacks.render(message))
     connection.sent += 1
     return result, connection if connection.client.is_connected else None
 

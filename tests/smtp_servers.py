@@ -11,17 +11,23 @@ import asyncio
 import ssl
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from pipeline.config import Settings
 from pipeline.demo import free_port
+from pipeline.ledger import open_ledger
+from pipeline.ledger.models import InputFile, Run, Statement
+from pipeline.runner import run_stage
 from pipeline.sink import ensure_certificates
+from tests.conftest import REPO
 
 HOST = "127.0.0.1"
 
@@ -136,3 +142,59 @@ def smtp_server(
         yield port
     finally:
         controller.stop()
+
+
+def policy_toml(ips: Sequence[str], connections_per_ip: int, fallback: str = "notification") -> str:
+    """The shipped policy's delivery/TLS/retry settings over `ips`, fully warmed, fast."""
+    shipped = (REPO / "config" / "sending.toml").read_text().split("[[pool]]", 1)[0]
+    shipped = shipped.replace('fallback = "notification"', f'fallback = "{fallback}"')
+    pool = "".join(f'[[pool]]\naddress = "{ip}"\nehlo_name = "mta{i}.test"\nweight = 1\n\n'
+                   for i, ip in enumerate(ips))  # fmt: skip
+    return (
+        shipped
+        + pool
+        + f"""
+[warmup]
+daily_cap = [1000000]
+
+[providers.default]
+domains = []
+mx_suffixes = []
+max_connections_per_ip = {connections_per_ip}
+max_messages_per_connection = 500
+max_rate_per_ip = 10000.0
+"""
+    )
+
+
+def seed_run(settings: Settings, count: int, run_id: str = "rsend") -> str:
+    """A run with `count` email statements (member<n>@example.org) and their PDF, planned."""
+    sessions = open_ledger(settings.ledger_url)
+    pdf = settings.runs_dir / run_id / "pdf" / "eob.pdf"
+    pdf.parent.mkdir(parents=True)
+    pdf.write_bytes((REPO / "tests" / "data" / "tiny.pdf").read_bytes())
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        session.add(Run(run_id=run_id, started_at=now, drop="landing"))
+        session.flush()
+        session.add(
+            InputFile(file_id=1, sha256="0" * 64, file_name="f.csv", insurer="acme", size_bytes=1,
+                      run_id=run_id, registered_at=now, status="validated")
+        )  # fmt: skip
+        session.flush()
+        session.add_all(
+            Statement(
+                statement_id=f"s{n:05d}",
+                run_id=run_id,
+                file_id=1,
+                member_id=f"M{n}",
+                channel="email",
+                email=f"member{n}@example.org",
+                claim_lines=1,
+                member_owes=0,
+                pdf_path="pdf/eob.pdf",
+            )  # fmt: skip
+            for n in range(count)
+        )
+    run_stage(settings, run_id, "plan")
+    return run_id

@@ -14,7 +14,6 @@ import random
 import signal
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from email import message_from_bytes
 from pathlib import Path
 
@@ -23,11 +22,10 @@ from sqlalchemy import select
 
 from pipeline.config import Settings
 from pipeline.ledger import open_ledger
-from pipeline.ledger.models import InputFile, Message, Run, Statement
+from pipeline.ledger.models import Message
 from pipeline.ledger.states import MessageState
 from pipeline.runner import _ledger, run_stage
-from tests.conftest import REPO
-from tests.smtp_servers import Receiver, Script, smtp_server
+from tests.smtp_servers import Receiver, Script, policy_toml, seed_run, smtp_server
 
 MESSAGES = int(os.environ.get("EOB_CRASH_MESSAGES", "5000"))
 KILLS = 5
@@ -35,59 +33,6 @@ IPS = ("127.0.0.24", "127.0.0.25", "127.0.0.26", "127.0.0.27")
 CONNECTIONS_PER_IP = 2
 # At most this many messages can be mid-transaction at once: one per connection.
 CONCURRENCY = len(IPS) * CONNECTIONS_PER_IP
-
-POLICY = (
-    (REPO / "config" / "sending.toml").read_text().split("[[pool]]", 1)[0]
-    + "".join(
-        f'[[pool]]\naddress = "{ip}"\nehlo_name = "mta{i}.test"\nweight = 1\n\n'
-        for i, ip in enumerate(IPS)
-    )
-    + f"""
-[warmup]
-daily_cap = [1000000]
-
-[providers.default]
-domains = []
-mx_suffixes = []
-max_connections_per_ip = {CONNECTIONS_PER_IP}
-max_messages_per_connection = 500
-max_rate_per_ip = 10000.0
-"""
-)
-
-
-def seed(settings: Settings, count: int) -> str:
-    """A run with `count` email statements whose PDFs are on disk, planned for sending."""
-    run_id = "rcrash"
-    sessions = open_ledger(settings.ledger_url)
-    pdf = settings.runs_dir / run_id / "pdf" / "eob.pdf"
-    pdf.parent.mkdir(parents=True)
-    pdf.write_bytes((REPO / "tests" / "data" / "tiny.pdf").read_bytes())
-    now = datetime.now(UTC)
-    with sessions.begin() as session:
-        session.add(Run(run_id=run_id, started_at=now, drop="landing"))
-        session.flush()
-        session.add(
-            InputFile(file_id=1, sha256="0" * 64, file_name="f.csv", insurer="acme", size_bytes=1,
-                      run_id=run_id, registered_at=now, status="validated")
-        )  # fmt: skip
-        session.flush()
-        session.add_all(
-            Statement(
-                statement_id=f"s{n:05d}",
-                run_id=run_id,
-                file_id=1,
-                member_id=f"M{n}",
-                channel="email",
-                email=f"member{n}@example.org",
-                claim_lines=1,
-                member_owes=0,
-                pdf_path="pdf/eob.pdf",
-            )  # fmt: skip
-            for n in range(count)
-        )
-    run_stage(settings, run_id, "plan")
-    return run_id
 
 
 def _send_in_child(settings: Settings, run_id: str) -> None:
@@ -109,13 +54,13 @@ def start_send(settings: Settings, run_id: str) -> multiprocessing.process.BaseP
 def test_sigkill_mid_send_then_resume_delivers_everything_at_least_once(tmp_path: Path):
     rng = random.Random(int(os.environ.get("EOB_CRASH_SEED", "5")))
     policy_file = tmp_path / "sending.toml"
-    policy_file.write_text(POLICY)
+    policy_file.write_text(policy_toml(IPS, CONNECTIONS_PER_IP))
     receiver = Receiver(Script())
     with smtp_server(receiver, tmp_path / "certs") as port:
         settings = Settings(data_dir=tmp_path / "data", smtp_port=port,
                             tls_ca_file=str(tmp_path / "certs" / "ca.pem"),
                             sending_policy_file=str(policy_file))  # fmt: skip
-        run_id = seed(settings, MESSAGES)
+        run_id = seed_run(settings, MESSAGES)
         sessions = open_ledger(settings.ledger_url)
         kill_at = sorted(rng.sample(range(MESSAGES // 10, MESSAGES * 9 // 10), KILLS))
         in_flight: set[str] = set()
