@@ -81,8 +81,9 @@ def start_postfix(tmp: Path, port: int, cert: Path, key: Path) -> subprocess.Pop
     (tmp / "data").mkdir()
     shutil.chown(tmp / "data", "postfix")
     subprocess.run(["postfix", "-c", conf, "check"], check=True)
-    server = subprocess.Popen(["postfix", "-c", conf, "start-fg"], stdout=(tmp / "maillog").open("wb"),
-                              stderr=subprocess.STDOUT)  # fmt: skip
+    with (tmp / "maillog").open("wb") as maillog:
+        server = subprocess.Popen(["postfix", "-c", conf, "start-fg"], stdout=maillog,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -90,8 +91,8 @@ def start_postfix(tmp: Path, port: int, cert: Path, key: Path) -> subprocess.Pop
             return server
         except OSError:
             time.sleep(0.2)
-    log = (tmp / "maillog").read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"postfix did not listen:\n{log}")
+    tail = (tmp / "maillog").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"postfix did not listen:\n{tail}")
 
 
 def stop_postfix(tmp: Path, server: subprocess.Popen[bytes]) -> None:
@@ -153,8 +154,10 @@ def seed(settings: Settings, run_id: str, count: int, pdf: Path) -> None:
     with sessions.begin() as session:
         session.add(Run(run_id=run_id, started_at=now, drop="bench"))
         session.flush()
-        session.add(InputFile(sha256=run_id.ljust(64, "0"), file_name="f.csv", insurer="bench",
-                              size_bytes=1, run_id=run_id, registered_at=now, status="validated"))  # fmt: skip
+        session.add(
+            InputFile(sha256=run_id.ljust(64, "0"), file_name="f.csv", insurer="bench",
+                      size_bytes=1, run_id=run_id, registered_at=now, status="validated")
+        )  # fmt: skip
         session.flush()
         file_id = session.scalars(select(InputFile.file_id).where(InputFile.run_id == run_id)).one()
         statements = [dict(statement_id=f"{run_id}-{n}", run_id=run_id, file_id=file_id,
@@ -202,9 +205,10 @@ def main() -> None:
         server = start_postfix(tmp, port, certs.cert_file, certs.key_file)
         try:
             baseline = smtp_source(port, count)
+            fast = policy_file(tmp, dkim_key, 1e6, 8)
             settings = Settings(data_dir=tmp / "eob", smtp_host=POSTFIX_HOST, smtp_port=port,
                                 tls_ca_file=str(certs.ca_file),
-                                sending_policy_file=str(policy_file(tmp, dkim_key, 1e6, 8)))  # fmt: skip
+                                sending_policy_file=str(fast))  # fmt: skip
             seed(settings, "bench", count, tmp / "eob.pdf")
             started = time.perf_counter()
             counts = run_stage(settings, "bench", "send")
