@@ -47,3 +47,22 @@ def compose_eob_email(
         pdf, maintype="application", subtype="pdf", filename=f"EOB-{statement_id}.pdf"
     )
     return message
+
+
+def compose_portal_notice(
+    *, message_id: str, from_address: str, plan_name: str, portal_url: str
+) -> EmailMessage:
+    """The fallback for a receiver without usable TLS: no PHI at all, not even the recipient in
+    a header, no attachment; it points to the member portal."""
+    message = EmailMessage()
+    message["From"] = f"{plan_name} <{from_address}>"
+    message["To"] = "undisclosed-recipients:;"
+    message["Subject"] = "A new document is ready in your member portal"
+    message["Date"] = format_datetime(datetime.now(UTC))
+    message["Message-ID"] = f"<{message_id}.notice@{from_address.rpartition('@')[2]}>"
+    message.set_content(
+        f"A new document from {plan_name} is ready for you.\n\n"
+        "Your mail server does not support the encrypted delivery we require for private\n"
+        f"health information, so it was not sent by email. Sign in at {portal_url} to read it.\n"
+    )
+    return message

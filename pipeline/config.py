@@ -38,8 +38,8 @@ class Settings:
     smtp_port: int = 8025
     # Trust store used to verify the receiver's certificate; empty means data_dir/sink/ca.pem.
     tls_ca_file: str = ""
-    # Seconds before an SMTP connection or command gives up.
-    smtp_timeout: float = 30.0
+    # Sending policy (pool, warm-up, shaping, back-off, retry); empty means config/sending.toml.
+    sending_policy_file: str = ""
     # Dedicated sending IPs; at least two so one IP's reputation problem never stops delivery.
     sending_ips: tuple[SendingIp, ...] = (
         SendingIp("127.0.0.2", "mta1.eob.example.com"),

@@ -1,15 +1,24 @@
-"""Plan stage: give each message a dedicated sending IP and a VERP return path.
+"""Plan stage: give each message a dedicated sending IP, a send day and a VERP return path.
 
-Assignment is a stable weighted hash of the statement id: re-planning gives the same IP, and
-traffic splits across the pool in proportion to the weights.
+Assignment is deterministic: a stable weighted hash of the statement id picks the preferred IP,
+so re-planning gives the same answer and traffic splits across the pool by weight. An IP in
+warm-up takes no more than today's cap (overall and per provider); what it cannot take overflows
+to the warmed IPs, and what the whole pool cannot take today spills to the first day that has room.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
 
-from pipeline.config import SendingIp
+from pipeline.errors import ConfigError
+from pipeline.policy import PoolIp, SendingPolicy
+
+# A pool that cannot take a message within this many days is a configuration mistake.
+_MAX_SPILL_DAYS = 366
 
 
 def message_token(statement_id: str, attempt: int) -> str:
@@ -17,7 +26,7 @@ def message_token(statement_id: str, attempt: int) -> str:
     return "m" + hashlib.sha256(f"{statement_id}:{attempt}".encode()).hexdigest()[:24]
 
 
-def assign_ip(statement_id: str, pool: Sequence[SendingIp]) -> SendingIp:
+def assign_ip(statement_id: str, pool: Sequence[PoolIp]) -> PoolIp:
     total = sum(ip.weight for ip in pool)
     slot = int(hashlib.sha256(statement_id.encode()).hexdigest()[:12], 16) % total
     for ip in pool:
@@ -25,6 +34,61 @@ def assign_ip(statement_id: str, pool: Sequence[SendingIp]) -> SendingIp:
             return ip
         slot -= ip.weight
     raise AssertionError("unreachable: slot is below the total weight")
+
+
+@dataclass(frozen=True)
+class ToPlan:
+    statement_id: str
+    provider: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    statement_id: str
+    ip: PoolIp
+    day: date
+
+
+# Messages already planned: (ip address, provider or None for all providers, day) -> count.
+Usage = Counter[tuple[str, str | None, date]]
+
+
+def plan_sends(
+    items: Iterable[ToPlan], policy: SendingPolicy, today: date, used: Usage | None = None
+) -> list[Assignment]:
+    """Assign each item an IP and a day >= today within the warm-up caps, in statement-id order."""
+    usage: Usage = Counter(used or {})
+    warmed = [ip for ip in policy.pool if ip.warmup_start is None]
+    assignments = []
+    for item in sorted(items, key=lambda i: i.statement_id):
+        preferred = assign_ip(item.statement_id, policy.pool)
+        candidates = [preferred] + [ip for ip in warmed if ip != preferred]
+        candidates += [ip for ip in policy.pool if ip not in candidates]
+        ip, day = _first_with_room(candidates, item.provider, policy, today, usage)
+        usage[ip.address, None, day] += 1
+        usage[ip.address, item.provider, day] += 1
+        assignments.append(Assignment(item.statement_id, ip, day))
+    return assignments
+
+
+def _first_with_room(
+    candidates: list[PoolIp], provider: str, policy: SendingPolicy, today: date, usage: Usage
+) -> tuple[PoolIp, date]:
+    for offset in range(_MAX_SPILL_DAYS):
+        day = today + timedelta(days=offset)
+        for ip in candidates:
+            if _has_room(ip, None, day, policy, usage) and _has_room(
+                ip, provider, day, policy, usage
+            ):
+                return ip, day
+    raise ConfigError(f"setting pool: no IP has room within {_MAX_SPILL_DAYS} days")
+
+
+def _has_room(
+    ip: PoolIp, provider: str | None, day: date, policy: SendingPolicy, usage: Usage
+) -> bool:
+    cap = policy.daily_cap(ip, day, provider)
+    return cap is None or usage[ip.address, provider, day] < cap
 
 
 def verp_return_path(token: str, domain: str) -> str:

@@ -7,10 +7,13 @@ Steps return counts only (safe for logs and Airflow XComs: no PHI).
 
 from __future__ import annotations
 
+import asyncio
+import email.policy
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,11 +22,11 @@ from uuid import uuid4
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import bounces, datasets, reconcile
-from pipeline.compose import compose_eob_email
+from pipeline.compose import compose_eob_email, compose_portal_notice
 from pipeline.config import Settings
 from pipeline.contracts import load_contract
 from pipeline.drop import DroppedFile, archive, complete_files
@@ -41,11 +44,24 @@ from pipeline.ledger.models import (
     Suppression,
 )
 from pipeline.ledger.states import MessageState, transition_message
-from pipeline.plan import assign_ip, message_token, verp_return_path
+from pipeline.plan import ToPlan, Usage, message_token, plan_sends, verp_return_path
+from pipeline.policy import SendingPolicy, load_policy
 from pipeline.profiles import load_profile
 from pipeline.rejections import write_rejection_report
 from pipeline.render import render_statement_pdf
-from pipeline.send import Outcome, Outgoing, SendResult, SmtpTarget, send_all, tls_context
+from pipeline.routing import MxRouter, RelayRouter, Router
+from pipeline.send import (
+    Callbacks,
+    Claim,
+    Event,
+    Outcome,
+    Outgoing,
+    SendResult,
+    send_all,
+    tls_context,
+)
+from pipeline.shaping import provider_for
+from pipeline.signing import DkimSigner
 from pipeline.statements import Statement as StatementDoc
 from pipeline.statements import build_statements
 
@@ -388,7 +404,9 @@ def _render(ctx: RunContext) -> dict[str, int]:
 
 
 def _plan(ctx: RunContext) -> dict[str, int]:
-    counts = {"planned": 0, "suppressed": 0}
+    policy = _policy(ctx.settings)
+    today = datetime.now(UTC).date()
+    counts = {"planned": 0, "suppressed": 0, "spilled_to_later_days": 0}
     with ctx.sessions.begin() as session:
         statements = session.scalars(
             select(Statement).where(
@@ -397,20 +415,30 @@ def _plan(ctx: RunContext) -> dict[str, int]:
                 Statement.pdf_path.is_not(None),
             )
         ).all()
+        to_plan: dict[str, Statement] = {}
         for statement in statements:
             token = message_token(statement.statement_id, 1)
             if session.get(Message, token) is not None or statement.email is None:
                 continue
-            ip = assign_ip(statement.statement_id, ctx.settings.sending_ips)
+            to_plan[statement.statement_id] = statement
+        providers = _providers(policy, [s.email or "" for s in to_plan.values()])
+        items = [
+            ToPlan(s.statement_id, providers[_domain(s.email or "")]) for s in to_plan.values()
+        ]
+        for assignment in plan_sends(items, policy, today, _usage(session, today)):
+            statement = to_plan[assignment.statement_id]
+            assert statement.email is not None
             now = datetime.now(UTC)
             message = Message(
-                message_id=token,
+                message_id=message_token(statement.statement_id, 1),
                 statement_id=statement.statement_id,
                 run_id=ctx.run_id,
                 attempt=1,
                 recipient=statement.email,
-                source_ip=ip.address,
-                ehlo_name=ip.ehlo_name,
+                source_ip=assignment.ip.address,
+                ehlo_name=assignment.ip.ehlo_name,
+                provider=providers[_domain(statement.email)],
+                send_day=assignment.day,
                 state=MessageState.PLANNED,
                 created_at=now,
                 updated_at=now,
@@ -427,11 +455,55 @@ def _plan(ctx: RunContext) -> dict[str, int]:
                 counts["suppressed"] += 1
             else:
                 counts["planned"] += 1
+                counts["spilled_to_later_days"] += assignment.day > today
     return counts
+
+
+def _policy(settings: Settings) -> SendingPolicy:
+    path = settings.sending_policy_file
+    return load_policy(Path(path)) if path else load_policy()
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _providers(policy: SendingPolicy, addresses: list[str]) -> dict[str, str]:
+    """Each recipient domain's provider; in direct mode rolled up from its MX hosts."""
+    domains = sorted({_domain(a) for a in addresses})
+    if policy.mode == "relay":
+        return {d: provider_for(policy, d) for d in domains}
+    router = MxRouter()
+
+    async def lookup() -> list[list[str]]:
+        return await asyncio.gather(*(router.mx_hosts(d) for d in domains))
+
+    return {
+        d: provider_for(policy, d, hosts)
+        for d, hosts in zip(domains, asyncio.run(lookup()), strict=True)
+    }
+
+
+def _usage(session: Session, today: date) -> Usage:
+    """Messages already planned from today on, per IP and per (IP, provider): warm-up caps count
+    them."""
+    rows = session.execute(
+        select(Message.source_ip, Message.provider, Message.send_day, func.count())
+        .where(Message.send_day >= today, Message.state != MessageState.SUPPRESSED)
+        .group_by(Message.source_ip, Message.provider, Message.send_day)
+    ).all()
+    usage: Usage = Counter()
+    for ip, provider, day, count in rows:
+        assert day is not None  # filtered on send_day >= today
+        usage[ip, None, day] += count
+        usage[ip, provider, day] += count
+    return usage
 
 
 def _send(ctx: RunContext) -> dict[str, int]:
     settings = ctx.settings
+    policy = _policy(settings)
+    now = datetime.now(UTC)
     with ctx.sessions.begin() as session:
         _recover_interrupted(session, ctx.run_id)
         pending = session.scalars(
@@ -439,43 +511,95 @@ def _send(ctx: RunContext) -> dict[str, int]:
             .where(
                 Message.run_id == ctx.run_id,
                 Message.state.in_([MessageState.PLANNED, MessageState.DEFERRED]),
+                or_(Message.send_day.is_(None), Message.send_day <= now.date()),
+                or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now),
             )
             .order_by(Message.message_id)
         ).all()
-        outgoing = [_outgoing(ctx, session, message) for message in pending]
-    counts = {outcome.value: 0 for outcome in Outcome}
+        pdfs = {
+            m.message_id: _pdf_path(ctx, session.get_one(Statement, m.statement_id))
+            for m in pending
+        }
+        outgoing = [_outgoing(ctx, m) for m in pending]
+    counts = {outcome.value: 0 for outcome in Outcome} | {"expired": 0}
     progress = iter(ctx.track(outgoing, "send", len(outgoing)))
+    signer = DkimSigner(policy.dkim)
 
-    def before_send(message: Outgoing) -> None:
+    def render(message: Outgoing) -> bytes:
+        content = compose_eob_email(
+            message_id=message.message_id,
+            statement_id=pdfs[message.message_id].stem,
+            recipient=message.recipient,
+            from_address=settings.from_address,
+            plan_name=settings.plan_name,
+            pdf=pdfs[message.message_id].read_bytes(),
+        )
+        return signer.sign(content.as_bytes(policy=email.policy.SMTP))
+
+    def notice(message: Outgoing) -> bytes:
+        content = compose_portal_notice(
+            message_id=message.message_id,
+            from_address=settings.from_address,
+            plan_name=settings.plan_name,
+            portal_url=policy.portal_url,
+        )
+        return signer.sign(content.as_bytes(policy=email.policy.SMTP))
+
+    def record(events: Sequence[Event]) -> None:
+        """One transaction per batch: claims move to `sending`, results to their outcome."""
+        outcomes = []
         with ctx.sessions.begin() as session:
-            transition_message(
-                session,
-                session.get_one(Message, message.message_id),
-                MessageState.SENDING,
-                actor="send",
-            )
+            for event in events:
+                if isinstance(event, Claim):
+                    row = session.get_one(Message, event.message.message_id)
+                    row.tries += 1
+                    transition_message(session, row, MessageState.SENDING, actor="send")
+                else:
+                    message = session.get_one(Message, event.message_id)
+                    expired = _record_result(session, message, event, policy)
+                    outcomes.append("expired" if expired else event.outcome.value)
+        for outcome in outcomes:
+            counts[outcome] += 1
+            next(progress, None)
 
-    def on_result(result: SendResult) -> None:
-        with ctx.sessions.begin() as session:
-            message = session.get_one(Message, result.message_id)
-            message.smtp_code, message.smtp_reply = result.code, result.reply
-            transition_message(
-                session,
-                message,
-                MessageState(result.outcome),
-                actor="send",
-                reason=f"SMTP {result.code or 'no reply'}",
-            )
-            if result.outcome == Outcome.BOUNCED:
-                _record_smtp_rejection(session, message, result)
-        counts[result.outcome] += 1
-        next(progress, None)
-
-    target = SmtpTarget(
-        settings.smtp_host, settings.smtp_port, tls_context(settings.ca_file), settings.smtp_timeout
+    router: Router = (
+        RelayRouter(policy, settings.smtp_host, settings.smtp_port)
+        if policy.mode == "relay"
+        else MxRouter()
     )
-    send_all(outgoing, target, before_send=before_send, on_result=on_result)
+    tls = tls_context(settings.ca_file, policy.tls_min_version)
+    send_all(outgoing, policy, router, tls, Callbacks(render, notice, record))
     return counts
+
+
+def _record_result(
+    session: Session, message: Message, result: SendResult, policy: SendingPolicy
+) -> bool:
+    """Record one SMTP outcome; True when a deferral outlived the retry policy and expired."""
+    now = datetime.now(UTC)
+    if result.outcome == Outcome.HELD:
+        # Never attempted: no transition, only not before the suspension ends.
+        message.next_attempt_at = now + timedelta(seconds=result.retry_after or 0)
+        return False
+    message.smtp_code, message.smtp_reply = result.code, result.reply
+    reason = f"SMTP {result.code or 'no reply'}"
+    transition_message(session, message, MessageState(result.outcome), actor="send", reason=reason)
+    if result.outcome == Outcome.BOUNCED:
+        _record_smtp_rejection(session, message, result)
+    elif result.outcome == Outcome.FALLBACK:
+        notified = result.code is not None and 200 <= result.code < 300
+        if policy.tls_fallback == "print" or not notified:
+            session.get_one(Statement, message.statement_id).channel = "print"
+    elif result.outcome == Outcome.DEFERRED:
+        delay = policy.retry.delay(message.tries, result.retry_after)
+        message.next_attempt_at = now + timedelta(seconds=delay)
+        created = message.created_at.replace(tzinfo=message.created_at.tzinfo or UTC)
+        if (message.next_attempt_at - created).total_seconds() > policy.retry.max_age_seconds:
+            transition_message(
+                session, message, MessageState.EXPIRED, actor="send", reason="retry max age"
+            )
+            return True
+    return False
 
 
 def _recover_interrupted(session: Session, run_id: str) -> None:
@@ -495,24 +619,19 @@ def _recover_interrupted(session: Session, run_id: str) -> None:
         )
 
 
-def _outgoing(ctx: RunContext, session: Session, message: Message) -> Outgoing:
-    statement = session.get_one(Statement, message.statement_id)
+def _pdf_path(ctx: RunContext, statement: Statement) -> Path:
     assert statement.pdf_path is not None
-    content = compose_eob_email(
-        message_id=message.message_id,
-        statement_id=statement.statement_id,
-        recipient=message.recipient,
-        from_address=ctx.settings.from_address,
-        plan_name=ctx.settings.plan_name,
-        pdf=(ctx.settings.runs_dir / statement.run_id / statement.pdf_path).read_bytes(),
-    )
+    return ctx.settings.runs_dir / statement.run_id / statement.pdf_path
+
+
+def _outgoing(ctx: RunContext, message: Message) -> Outgoing:
     return Outgoing(
         message_id=message.message_id,
         mail_from=verp_return_path(message.message_id, ctx.settings.return_path_domain),
         recipient=message.recipient,
         source_ip=message.source_ip,
         ehlo_name=message.ehlo_name,
-        content=content.as_bytes(),
+        provider=message.provider or "default",
     )
 
 

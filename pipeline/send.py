@@ -1,9 +1,20 @@
-"""Send stage: hand each message to SMTP over its planned source IP, TLS required.
+"""Send stage: hand each message to SMTP over its planned source IP, shaped per provider.
 
-One connection per source IP, reused for that IP's messages; the IPs send concurrently.
-The receiver must offer STARTTLS and present a certificate the trust store verifies, with
-TLS 1.2 at least; otherwise nothing is sent (no PHI travels in clear).
-Persistence is injected: `on_result` records each outcome before the next message.
+Messages are grouped into lanes, one per (source IP, provider). A lane runs up to the provider's
+max_connections_per_ip connections, each reused for up to max_messages_per_connection messages,
+and paces them with one token bucket at max_rate_per_ip; back-off rules slow or suspend it.
+
+TLS is required: STARTTLS, TLS >= the policy's minimum, a certificate the trust store verifies.
+A receiver without that gets no PHI: the message gets the PHI-free portal notice instead (or
+nothing, for print), and its outcome says so.
+
+Persistence is injected as `record`, called with a batch of events: a Claim (the message is
+about to be handed to SMTP) or a SendResult. Every attempted message gets one Claim before its
+transaction and one SendResult after it; a message a suspended lane never attempted gets only a
+SendResult with Outcome.HELD. Events are group-committed: a connection's next Claim is recorded
+in the same batch as its previous result, and its transaction starts only once that batch is
+durable. So at any moment each connection has at most one claimed message without a result,
+and the ledger is written once per batch instead of twice per message.
 """
 
 from __future__ import annotations
@@ -11,13 +22,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections import defaultdict
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 import aiosmtplib
+
+from pipeline.policy import SendingPolicy
+from pipeline.routing import Route, Router
+from pipeline.shaping import Lane, retry_hint_seconds
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +42,10 @@ class Outcome(StrEnum):
     ACCEPTED = "accepted"
     DEFERRED = "deferred"
     BOUNCED = "bounced"
+    # The receiver offered no usable TLS: no PHI sent; the notice went out (code 2xx) or not.
+    FALLBACK = "fallback"
+    # Not attempted: its lane was suspended by a back-off rule.
+    HELD = "held"
 
 
 @dataclass(frozen=True)
@@ -36,7 +56,7 @@ class Outgoing:
     recipient: str
     source_ip: str
     ehlo_name: str
-    content: bytes
+    provider: str
 
 
 @dataclass(frozen=True)
@@ -47,94 +67,275 @@ class SendResult:
     code: int | None
     # Reply text; may name the recipient, so it goes to the ledger and never to a log.
     reply: str
+    # Seconds the server (a retry hint) or a back-off suspension asks us to wait.
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
-class SmtpTarget:
-    host: str
-    port: int
-    tls: ssl.SSLContext
-    timeout: float
+class Claim:
+    """The message is about to be handed to SMTP."""
+
+    message: Outgoing
 
 
-def tls_context(ca_file: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca_file))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+Event = Claim | SendResult
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    # The signed message bytes, built just before its transaction (keeps memory flat).
+    render: Callable[[Outgoing], bytes]
+    # The PHI-free portal notice for a receiver without usable TLS.
+    notice: Callable[[Outgoing], bytes]
+    # Makes a batch of events durable, in order; runs in a worker thread, one batch at a time.
+    record: Callable[[Sequence[Event]], None]
+
+
+class GroupCommit:
+    """Collects events from every connection and writes them in batches, one at a time."""
+
+    def __init__(self, record: Callable[[Sequence[Event]], None]) -> None:
+        self._record = record
+        self._pending: list[tuple[Sequence[Event], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def commit(self, events: Sequence[Event]) -> None:
+        """Return once `events` are durable."""
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((events, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        await done
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self._record, [e for events, _ in batch for e in events])
+            except Exception as err:  # every waiter of the batch sees the ledger's error
+                for _, done in batch:
+                    done.set_exception(err)
+                continue
+            for _, done in batch:
+                done.set_result(None)
+
+
+def tls_context(ca_file: Path | str, min_version: str = "1.2") -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
     return context
 
 
 def send_all(
     messages: Sequence[Outgoing],
-    target: SmtpTarget,
-    *,
-    before_send: Callable[[Outgoing], None],
-    on_result: Callable[[SendResult], None],
+    policy: SendingPolicy,
+    router: Router,
+    tls: ssl.SSLContext,
+    callbacks: Callbacks,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Send every message; `before_send` runs before its SMTP transaction, `on_result` after."""
-    by_ip: dict[str, list[Outgoing]] = defaultdict(list)
+    """Send every message in its lane; returns when every result is recorded."""
+    queues: dict[tuple[str, str], deque[Outgoing]] = {}
     for message in messages:
-        by_ip[message.source_ip].append(message)
+        queues.setdefault((message.source_ip, message.provider), deque()).append(message)
 
     async def main() -> None:
-        await asyncio.gather(
-            *(_send_over_ip(batch, target, before_send, on_result) for batch in by_ip.values())
-        )
+        env = _Env(policy, router, tls, callbacks, GroupCommit(callbacks.record))
+        lanes = []
+        for (ip, provider), queue in queues.items():
+            lane = Lane(ip, policy.providers[provider], policy.backoff, clock)
+            lanes.append(_run_lane(lane, queue, env))
+        await asyncio.gather(*lanes)
 
     asyncio.run(main())
 
 
-async def _send_over_ip(
-    batch: list[Outgoing],
-    target: SmtpTarget,
-    before_send: Callable[[Outgoing], None],
-    on_result: Callable[[SendResult], None],
-) -> None:
-    first = batch[0]
-    client = aiosmtplib.SMTP(
-        hostname=target.host,
-        port=target.port,
-        source_address=(first.source_ip, 0),
-        local_hostname=first.ehlo_name,
-        start_tls=True,
-        tls_context=target.tls,
-        timeout=target.timeout,
-    )
+class _NoTls(Exception):
+    """The receiver offered no STARTTLS, or its TLS failed (bad certificate, old version)."""
+
+    def __init__(self, reason: str, plain: aiosmtplib.SMTP | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        # A connection still usable in clear (for the PHI-free notice only).
+        self.plain = plain
+
+
+@dataclass(frozen=True)
+class _Env:
+    """What every lane shares."""
+
+    policy: SendingPolicy
+    router: Router
+    tls: ssl.SSLContext
+    callbacks: Callbacks
+    ledger: GroupCommit
+
+
+@dataclass
+class _Connection:
+    client: aiosmtplib.SMTP
+    route: Route
+    sent: int = 0
+
+
+async def _run_lane(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
+    workers = min(lane.provider.max_connections_per_ip, len(queue))
+    await asyncio.gather(*(_lane_worker(lane, queue, env) for _ in range(workers)))
+    if not queue:
+        return
+    wait = lane.suspended_until - lane.clock()
+    log.warning("lane %s/%s suspended: %d messages held", lane.ip, lane.provider.name, len(queue))
+    held = [SendResult(m.message_id, Outcome.HELD, None, "lane suspended", wait) for m in queue]
+    queue.clear()
+    await env.ledger.commit(held)
+
+
+async def _lane_worker(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
+    connection: _Connection | None = None
+    # The previous message's result, recorded together with the next claim.
+    unrecorded: list[Event] = []
     try:
-        for message in batch:
-            before_send(message)
-            on_result(await _transaction(client, message))
+        while queue and not lane.suspended:
+            message = queue.popleft()
+            await lane.take()
+            if lane.suspended:  # suspended by another connection's reply while we waited
+                queue.appendleft(message)
+                break
+            route = await env.router.route(message.source_ip, message.recipient.rpartition("@")[2])
+            if connection is not None and (
+                connection.route != route
+                or connection.sent >= lane.provider.max_messages_per_connection
+                or not connection.client.is_connected
+            ):
+                await _close(connection.client)
+                connection = None
+            await env.ledger.commit([*unrecorded, Claim(message)])
+            result, connection = await _attempt(connection, route, message, env)
+            if result.code is None or result.code >= 400:
+                rule = lane.observe(result.code, result.reply)
+                if rule is not None:
+                    log.warning("back-off %s fired for %s/%s: %s", rule.name, lane.ip,
+                                lane.provider.name, rule.action)  # fmt: skip
+            unrecorded = [result]
     finally:
-        if client.is_connected:
-            try:
-                await client.quit()
-            except aiosmtplib.SMTPException:
-                client.close()
+        if connection is not None:
+            await _close(connection.client)
+    if unrecorded:
+        await env.ledger.commit(unrecorded)
 
 
-async def _transaction(client: aiosmtplib.SMTP, message: Outgoing) -> SendResult:
-    if not client.is_connected:
+async def _attempt(
+    connection: _Connection | None,
+    route: Route,
+    message: Outgoing,
+    env: _Env,
+) -> tuple[SendResult, _Connection | None]:
+    if connection is None:
         try:
-            await client.connect()
+            connection = _Connection(await _open(route, message, env.policy, env.tls), route)
+        except _NoTls as no_tls:
+            return await _fallback(no_tls, route, message, env.policy, env.callbacks), None
         except (aiosmtplib.SMTPException, OSError) as err:
-            # Also a missing STARTTLS offer or a certificate that does not verify: nothing sent.
-            log.warning("no TLS session from %s: %s", message.source_ip, type(err).__name__)
-            return SendResult(message.message_id, Outcome.DEFERRED, None, type(err).__name__)
+            log.warning("no connection from %s: %s", message.source_ip, type(err).__name__)
+            return _failed(message, err), None
+    result = await _transaction(connection.client, message, env.callbacks.render(message))
+    connection.sent += 1
+    return result, connection if connection.client.is_connected else None
+
+
+async def _open(
+    route: Route, message: Outgoing, policy: SendingPolicy, tls: ssl.SSLContext | None
+) -> aiosmtplib.SMTP:
+    """A connected client from the message's source IP; with `tls`, STARTTLS done or _NoTls."""
+    client = aiosmtplib.SMTP(
+        hostname=route.host,
+        port=route.port,
+        source_address=(message.source_ip, 0),
+        local_hostname=message.ehlo_name,
+        start_tls=False,
+        timeout=policy.timeout_seconds,
+    )
+    await client.connect()
+    await client.ehlo()
+    if tls is None:
+        return client
+    if not client.supports_extension("starttls"):
+        raise _NoTls("no STARTTLS offered", client)
     try:
-        _, reply = await client.sendmail(message.mail_from, [message.recipient], message.content)
+        await client.starttls(tls_context=tls)
+    except (ssl.SSLError, aiosmtplib.SMTPException) as err:
+        client.close()
+        raise _NoTls(f"TLS failed: {type(err).__name__}", None) from err
+    if route.username and route.password:
+        await client.login(route.username, route.password)
+    return client
+
+
+async def _fallback(
+    no_tls: _NoTls, route: Route, message: Outgoing, policy: SendingPolicy, callbacks: Callbacks
+) -> SendResult:
+    """No PHI without TLS: send the PHI-free notice in clear, or nothing (print fallback)."""
+    log.warning("no usable TLS from %s's receiver: %s", message.source_ip, no_tls.reason)
+    if policy.tls_fallback == "print":
+        if no_tls.plain is not None:
+            await _close(no_tls.plain)
+        return SendResult(message.message_id, Outcome.FALLBACK, None, no_tls.reason)
+    try:
+        plain = no_tls.plain or await _open(route, message, policy, None)
+    except (aiosmtplib.SMTPException, OSError) as err:
+        return SendResult(message.message_id, Outcome.FALLBACK, None, type(err).__name__)
+    sent = await _transaction(plain, message, callbacks.notice(message))
+    await _close(plain)
+    return SendResult(
+        message.message_id, Outcome.FALLBACK, sent.code, f"{no_tls.reason}; notice: {sent.reply}"
+    )
+
+
+async def _transaction(client: aiosmtplib.SMTP, message: Outgoing, content: bytes) -> SendResult:
+    try:
+        _, reply = await client.sendmail(message.mail_from, [message.recipient], content)
     except aiosmtplib.SMTPRecipientsRefused as err:
         refused = err.recipients[0]
-        await client.rset()
-        return SendResult(message.message_id, _outcome(refused.code), refused.code, refused.message)
+        await _reset(client, refused.code)
+        return _replied(message, refused.code, refused.message)
     except aiosmtplib.SMTPResponseException as err:
-        if client.is_connected:
-            await client.rset()
-        return SendResult(message.message_id, _outcome(err.code), err.code, err.message)
+        await _reset(client, err.code)
+        return _replied(message, err.code, err.message)
     except (aiosmtplib.SMTPException, OSError) as err:
-        # Dropped mid-transaction: the outcome is unknown, so it is retried later.
+        # Dropped or timed out mid-transaction: the outcome is unknown, so it is retried later.
         client.close()
-        return SendResult(message.message_id, Outcome.DEFERRED, None, type(err).__name__)
+        return _failed(message, err)
     return SendResult(message.message_id, Outcome.ACCEPTED, 250, reply)
 
 
-def _outcome(code: int) -> Outcome:
-    return Outcome.BOUNCED if 500 <= code < 600 else Outcome.DEFERRED
+def _replied(message: Outgoing, code: int, text: str) -> SendResult:
+    if 500 <= code < 600:
+        return SendResult(message.message_id, Outcome.BOUNCED, code, text)
+    outcome = Outcome.ACCEPTED if 200 <= code < 300 else Outcome.DEFERRED
+    return SendResult(message.message_id, outcome, code, text, retry_hint_seconds(text))
+
+
+def _failed(message: Outgoing, err: BaseException) -> SendResult:
+    return SendResult(message.message_id, Outcome.DEFERRED, None, type(err).__name__)
+
+
+async def _reset(client: aiosmtplib.SMTP, code: int) -> None:
+    """Ready the connection for the next message; 421 means the server is closing it."""
+    if code == 421 or not client.is_connected:
+        client.close()
+        return
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        client.close()
+
+
+async def _close(client: aiosmtplib.SMTP) -> None:
+    if not client.is_connected:
+        return
+    try:
+        await client.quit()
+    except (aiosmtplib.SMTPException, OSError):
+        client.close()

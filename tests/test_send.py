@@ -1,107 +1,128 @@
-"""The send stage against real SMTP servers on loopback: TLS is required, outcomes recorded."""
+"""The sender against real SMTP servers on loopback: TLS required, outcomes, shaping, faults.
+
+Limits are asserted at the receiver, from the source address each message arrived from.
+"""
 
 from __future__ import annotations
 
-import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
+import tomllib
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from pipeline.demo import free_port
-from pipeline.send import Outcome, Outgoing, SendResult, SmtpTarget, send_all, tls_context
+from pipeline.policy import DEFAULT_POLICY_FILE, SendingPolicy, parse_policy
+from pipeline.routing import Route
+from pipeline.send import (
+    Callbacks,
+    Claim,
+    Event,
+    Outcome,
+    Outgoing,
+    SendResult,
+    send_all,
+    tls_context,
+)
 from pipeline.sink import ensure_certificates
+from tests.smtp_servers import HOST, Receiver, Script, smtp_server
 
-HOST = "127.0.0.1"
-
-
-class Recorder:
-    """Accepts mail, records (peer address, recipients); answers `reply` for chosen recipients."""
-
-    def __init__(self, replies: dict[str, str] | None = None) -> None:
-        self.replies = replies or {}
-        self.received: list[tuple[str, list[str]]] = []
-
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:  # fmt: skip
-        if address in self.replies:
-            return self.replies[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.received.append((session.peer[0], list(envelope.rcpt_tos)))
-        return "250 2.0.0 queued"
+IPS = ("127.0.0.20", "127.0.0.21")
 
 
-@contextmanager
-def server(handler: Recorder, certs_dir: Path | None) -> Iterator[int]:
-    """A server on a free port; with STARTTLS required when `certs_dir` is given."""
-    port = free_port(HOST)
-    kwargs: dict[str, object] = {}
-    if certs_dir is not None:
-        certs = ensure_certificates(certs_dir, HOST)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(certs.cert_file, certs.key_file)
-        kwargs = {"tls_context": context, "require_starttls": True}
-    controller = Controller(handler, hostname=HOST, port=port, **kwargs)
-    controller.start()
-    try:
-        yield port
-    finally:
-        controller.stop()
+def policy(**default_provider: Any) -> SendingPolicy:
+    """The shipped policy over IPS, with the default provider's shaping overridden."""
+    raw = tomllib.loads(DEFAULT_POLICY_FILE.read_text())
+    raw["pool"] = [{"address": ip, "ehlo_name": f"mta{i}.test", "weight": 1}
+                   for i, ip in enumerate(IPS)]  # fmt: skip
+    raw["delivery"]["timeout_seconds"] = default_provider.pop("timeout", 5.0)
+    raw["tls"]["fallback"] = default_provider.pop("fallback", "notification")
+    if "backoff" in default_provider:
+        raw["backoff"] = default_provider.pop("backoff")
+    raw["providers"]["default"].update(default_provider)
+    return parse_policy(raw)
 
 
-def outgoing(n: int, source_ip: str = "127.0.0.2") -> Outgoing:
-    return Outgoing(
-        message_id=f"m{n}", mail_from=f"bounces+m{n}@b.example", recipient=f"r{n}@example.org",
-        source_ip=source_ip, ehlo_name="mta.example", content=b"Subject: t\r\n\r\nbody\r\n",
-    )  # fmt: skip
+class FixedRoute:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def route(self, source_ip: str, domain: str) -> Route:
+        return Route(HOST, self.port)
 
 
-def send(messages: list[Outgoing], port: int, ca_file: Path) -> list[SendResult]:
-    started: list[str] = []
-    results: list[SendResult] = []
-    target = SmtpTarget(HOST, port, tls_context(ca_file), timeout=10)
-    send_all(messages, target, before_send=lambda m: started.append(m.message_id),
-             on_result=results.append)  # fmt: skip
-    # Every message is announced before its transaction and gets exactly one result.
-    assert sorted(started) == sorted(r.message_id for r in results)
-    return results
+def outgoing(n: int, source_ip: str = IPS[0]) -> Outgoing:
+    return Outgoing(message_id=f"m{n}", mail_from=f"bounces+m{n}@b.example",
+                    recipient=f"r{n}@example.org", source_ip=source_ip, ehlo_name="mta.test",
+                    provider="default")  # fmt: skip
 
 
-def test_accepts_over_tls_from_each_planned_source_ip(tmp_path):
-    handler = Recorder()
-    with server(handler, tmp_path / "certs") as port:
-        messages = [outgoing(1, "127.0.0.2"), outgoing(2, "127.0.0.3"), outgoing(3, "127.0.0.3")]
-        results = send(messages, port, tmp_path / "certs" / "ca.pem")
-    assert {r.outcome for r in results} == {Outcome.ACCEPTED}
-    assert sorted(handler.received) == [
-        ("127.0.0.2", ["r1@example.org"]),
-        ("127.0.0.3", ["r2@example.org"]),
-        ("127.0.0.3", ["r3@example.org"]),
+def send(
+    messages: list[Outgoing], port: int, ca_file: Path, sending: SendingPolicy | None = None
+) -> dict[str, SendResult]:
+    events: list[Event] = []
+    callbacks = Callbacks(
+        render=lambda m: f"Subject: statement\r\nX-Id: {m.message_id}\r\n\r\nPHI\r\n".encode(),
+        notice=lambda m: f"Subject: notice\r\nX-Id: {m.message_id}\r\n\r\nportal\r\n".encode(),
+        record=events.extend,
+    )
+    send_all(messages, sending or policy(), FixedRoute(port), tls_context(str(ca_file)), callbacks)
+    claimed = [e.message.message_id for e in events if isinstance(e, Claim)]
+    results = [e for e in events if isinstance(e, SendResult)]
+    # Each message gets exactly one result; each attempted one was claimed once, before it.
+    assert sorted(r.message_id for r in results) == sorted(m.message_id for m in messages)
+    attempted = [r.message_id for r in results if r.outcome != Outcome.HELD]
+    assert sorted(claimed) == sorted(attempted)
+    claimed_at = {e.message.message_id: i for i, e in enumerate(events) if isinstance(e, Claim)}
+    for at, event in enumerate(events):
+        if isinstance(event, SendResult) and event.outcome != Outcome.HELD:
+            assert claimed_at[event.message_id] < at
+    return {r.message_id: r for r in results}
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    ensure_certificates(tmp_path / "certs", HOST)
+    return tmp_path / "certs"
+
+
+def test_accepts_over_tls_from_each_planned_source_ip(certs):
+    receiver = Receiver(Script())
+    with smtp_server(receiver, certs) as port:
+        messages = [outgoing(1, IPS[0]), outgoing(2, IPS[1]), outgoing(3, IPS[1])]
+        results = send(messages, port, certs / "ca.pem")
+    assert {r.outcome for r in results.values()} == {Outcome.ACCEPTED}
+    assert sorted((a.peer, a.recipients) for a in receiver.arrivals) == [
+        (IPS[0], ("r1@example.org",)),
+        (IPS[1], ("r2@example.org",)),
+        (IPS[1], ("r3@example.org",)),
     ]
 
 
-def test_a_server_without_starttls_gets_nothing(tmp_path):
-    ensure_certificates(tmp_path / "certs", HOST)
-    handler = Recorder()
-    with server(handler, None) as port:
-        [result] = send([outgoing(1)], port, tmp_path / "certs" / "ca.pem")
-    assert result.outcome == Outcome.DEFERRED and result.code is None
-    assert handler.received == []
+def test_a_server_without_starttls_gets_the_notice_and_no_phi(certs):
+    receiver = Receiver(Script())
+    with smtp_server(receiver, None) as port:
+        results = send([outgoing(1)], port, certs / "ca.pem")
+    assert results["m1"].outcome == Outcome.FALLBACK and results["m1"].code == 250
+    [arrival] = receiver.arrivals
+    assert b"Subject: notice" in arrival.content and b"PHI" not in arrival.content
 
 
-def test_an_untrusted_certificate_gets_nothing(tmp_path):
-    ensure_certificates(tmp_path / "ours", HOST)
-    handler = Recorder()
-    with server(handler, tmp_path / "theirs") as port:
-        [result] = send([outgoing(1)], port, tmp_path / "ours" / "ca.pem")
-    assert result.outcome == Outcome.DEFERRED
-    assert handler.received == []
+def test_an_untrusted_certificate_gets_the_notice_and_no_phi(tmp_path, certs):
+    receiver = Receiver(Script())
+    with smtp_server(receiver, tmp_path / "theirs", require_starttls=False) as port:
+        results = send([outgoing(1), outgoing(2)], port, certs / "ca.pem")
+    assert {r.outcome for r in results.values()} == {Outcome.FALLBACK}
+    assert len(receiver.arrivals) == 2
+    assert not any(b"PHI" in a.content for a in receiver.arrivals)
+
+
+def test_print_fallback_sends_nothing_without_tls(certs):
+    receiver = Receiver(Script())
+    with smtp_server(receiver, None) as port:
+        results = send([outgoing(1)], port, certs / "ca.pem", policy(fallback="print"))
+    assert results["m1"].outcome == Outcome.FALLBACK and results["m1"].code is None
+    assert receiver.arrivals == []
 
 
 @pytest.mark.parametrize(
@@ -109,21 +130,97 @@ def test_an_untrusted_certificate_gets_nothing(tmp_path):
     [
         ("550 5.1.1 <r2@example.org>: Recipient address rejected", Outcome.BOUNCED, 550),
         ("451 4.3.0 try again later", Outcome.DEFERRED, 451),
+        ("452 4.2.2 mailbox full", Outcome.DEFERRED, 452),
+        ("421 4.7.0 closing connection", Outcome.DEFERRED, 421),
     ],
 )
-def test_rejected_recipients_get_their_outcome_and_the_rest_still_go(
-    tmp_path, reply, outcome, code
-):
-    handler = Recorder({"r2@example.org": reply})
-    with server(handler, tmp_path / "certs") as port:
-        results = send([outgoing(1), outgoing(2), outgoing(3)], port, tmp_path / "certs" / "ca.pem")
-    by_id = {r.message_id: r for r in results}
-    assert (by_id["m2"].outcome, by_id["m2"].code) == (outcome, code)
-    assert by_id["m1"].outcome == by_id["m3"].outcome == Outcome.ACCEPTED
-    assert [rcpts for _, rcpts in handler.received] == [["r1@example.org"], ["r3@example.org"]]
+def test_rejected_recipients_get_their_outcome_and_the_rest_still_go(certs, reply, outcome, code):
+    receiver = Receiver(Script(rcpt_replies={"r2@example.org": reply}))
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(1), outgoing(2), outgoing(3)], port, certs / "ca.pem",
+                       policy(max_connections_per_ip=1))  # fmt: skip
+    assert (results["m2"].outcome, results["m2"].code) == (outcome, code)
+    assert results["m1"].outcome == results["m3"].outcome == Outcome.ACCEPTED
+    assert [a.recipients for a in receiver.arrivals] == [("r1@example.org",), ("r3@example.org",)]
 
 
-def test_nothing_listening_defers(tmp_path):
-    ensure_certificates(tmp_path / "certs", HOST)
-    [result] = send([outgoing(1)], free_port(HOST), tmp_path / "certs" / "ca.pem")
-    assert result.outcome == Outcome.DEFERRED
+def test_a_retry_hint_is_passed_on(certs):
+    receiver = Receiver(
+        Script(rcpt_replies={"r1@example.org": "450 4.2.0 try again in 10 minutes"})
+    )
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(1)], port, certs / "ca.pem")
+    assert results["m1"].outcome == Outcome.DEFERRED and results["m1"].retry_after == 600
+
+
+def test_a_connection_dropped_mid_data_defers_and_the_rest_go_on_a_new_one(certs):
+    receiver = Receiver(Script(drop_in_data=frozenset({"r2@example.org"})))
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(n) for n in range(1, 5)], port, certs / "ca.pem",
+                       policy(max_connections_per_ip=1))  # fmt: skip
+    assert (results["m2"].outcome, results["m2"].code) == (Outcome.DEFERRED, None)
+    assert [results[f"m{n}"].outcome for n in (1, 3, 4)] == [Outcome.ACCEPTED] * 3
+    assert len({a.connection for a in receiver.arrivals}) == 2
+
+
+@pytest.mark.parametrize(("delay", "outcome"), [(0.2, Outcome.ACCEPTED), (1.5, Outcome.DEFERRED)])
+def test_a_slow_server_is_waited_for_up_to_the_timeout(certs, delay, outcome):
+    receiver = Receiver(Script(data_delay=delay))
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(1)], port, certs / "ca.pem", policy(timeout=0.8))
+    assert results["m1"].outcome == outcome
+
+
+def test_nothing_listening_defers(certs):
+    from pipeline.demo import free_port
+
+    results = send([outgoing(1)], free_port(HOST), certs / "ca.pem")
+    assert results["m1"].outcome == Outcome.DEFERRED and results["m1"].code is None
+
+
+def test_per_ip_rate_connections_and_reuse_hold_at_the_receiver(certs):
+    per_ip, rate = 30, 20.0
+    receiver = Receiver(Script())
+    shaping = policy(max_connections_per_ip=3, max_messages_per_connection=4, max_rate_per_ip=rate)
+    messages = [outgoing(n, IPS[n % 2]) for n in range(2 * per_ip)]
+    with smtp_server(receiver, certs) as port:
+        results = send(messages, port, certs / "ca.pem", shaping)
+    assert {r.outcome for r in results.values()} == {Outcome.ACCEPTED}
+    assert receiver.per_peer() == {IPS[0]: per_ip, IPS[1]: per_ip}
+    for ip in IPS:
+        times = sorted(a.at for a in receiver.arrivals if a.peer == ip)
+        achieved = (len(times) - 1) / (times[-1] - times[0])
+        assert achieved == pytest.approx(rate, rel=0.05)
+        assert 1 <= receiver.max_open[ip] <= 3
+    per_connection = Counter(a.connection for a in receiver.arrivals)
+    assert max(per_connection.values()) <= 4
+    assert len(per_connection) >= 2 * per_ip // 4
+
+
+def test_throttle_replies_slow_the_lane(certs):
+    throttled = {f"r{n}@example.org": "451 4.7.0 rate limited, slow down" for n in range(2)}
+    receiver = Receiver(Script(rcpt_replies=throttled))
+    rule = {"name": "rl", "pattern": "rate limited", "threshold_per_hour": 2, "action": "slow",
+            "rate": 5.0, "duration_minutes": 10}  # fmt: skip
+    shaping = policy(max_connections_per_ip=1, max_rate_per_ip=100.0, backoff=[rule])
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(n) for n in range(12)], port, certs / "ca.pem", shaping)
+    assert [results[f"m{n}"].outcome for n in range(2)] == [Outcome.DEFERRED] * 2
+    times = sorted(a.at for a in receiver.arrivals)
+    assert len(times) == 10
+    assert (len(times) - 1) / (times[-1] - times[0]) == pytest.approx(5.0, rel=0.1)
+
+
+def test_a_block_reply_suspends_the_lane_and_holds_the_rest(certs):
+    blocked = {"r0@example.org": "421 4.7.28 blocked by policy"}
+    receiver = Receiver(Script(rcpt_replies=blocked))
+    rule = {"name": "blocked", "pattern": "blocked", "threshold_per_hour": 1, "action": "suspend",
+            "duration_minutes": 30}  # fmt: skip
+    shaping = policy(max_connections_per_ip=1, backoff=[rule])
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(n) for n in range(5)], port, certs / "ca.pem", shaping)
+    assert results["m0"].outcome == Outcome.DEFERRED
+    held = [results[f"m{n}"] for n in range(1, 5)]
+    assert {r.outcome for r in held} == {Outcome.HELD}
+    assert all(r.retry_after is not None and 1790 < r.retry_after <= 1800 for r in held)
+    assert receiver.arrivals == []

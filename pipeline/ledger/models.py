@@ -5,11 +5,12 @@ State columns are written by pipeline.ledger.states alone.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -101,6 +102,13 @@ class Message(Base):
     smtp_reply: Mapped[str | None] = mapped_column(Text)
     # Set when a crash left the attempt's outcome unknown and it was tried again.
     possible_duplicate: Mapped[bool] = mapped_column(default=False)
+    # Provider the recipient rolls up to (shaping lane) and the day the planner gave it.
+    provider: Mapped[str | None] = mapped_column(String(20))
+    send_day: Mapped[date | None] = mapped_column(Date, index=True)
+    # Not before this time (retry back-off, a server's hint or a suspended lane).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TZ)
+    # SMTP transactions started for this attempt (deferrals retry the same message).
+    tries: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class Bounce(Base):

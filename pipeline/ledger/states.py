@@ -29,6 +29,8 @@ class MessageState(StrEnum):
     """A 4xx answer, or recovered from a crash mid-transaction: to be retried."""
     BOUNCED = "bounced"
     """A 5xx answer at SMTP time, or a DSN reporting failure later."""
+    FALLBACK = "fallback"
+    """The receiver offered no usable TLS: no PHI sent; the PHI-free notice or print instead."""
     EXPIRED = "expired"
     """Deferred for longer than the retry policy allows."""
     DELIVERED = "delivered"
@@ -59,11 +61,12 @@ S = TypeVar("S", MessageState, CaseState)
 
 MESSAGE_TRANSITIONS: dict[MessageState, frozenset[MessageState]] = {
     M.PLANNED: frozenset({M.SENDING, M.SUPPRESSED}),
-    M.SENDING: frozenset({M.ACCEPTED, M.DEFERRED, M.BOUNCED}),
+    M.SENDING: frozenset({M.ACCEPTED, M.DEFERRED, M.BOUNCED, M.FALLBACK}),
     M.DEFERRED: frozenset({M.SENDING, M.EXPIRED, M.SUPPRESSED}),
     M.ACCEPTED: frozenset({M.BOUNCED, M.DELIVERED}),
     M.BOUNCED: frozenset(),
     M.EXPIRED: frozenset(),
+    M.FALLBACK: frozenset(),
     M.DELIVERED: frozenset(),
     M.SUPPRESSED: frozenset(),
 }

@@ -1,0 +1,80 @@
+"""The send stage through the runner and the ledger: deferral schedule, expiry, TLS fallback."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pipeline.config import Settings
+from pipeline.ledger import open_ledger
+from pipeline.ledger.models import Message, Statement
+from pipeline.ledger.states import MessageState
+from pipeline.policy import load_policy
+from pipeline.runner import run_stage
+from pipeline.sink import ensure_certificates
+from tests.smtp_servers import Receiver, Script, policy_toml, seed_run, smtp_server
+
+IPS = ("127.0.0.28", "127.0.0.29")
+
+
+def settings_for(tmp_path: Path, port: int, fallback: str = "notification") -> Settings:
+    policy_file = tmp_path / "sending.toml"
+    policy_file.write_text(policy_toml(IPS, 1, fallback))
+    return Settings(data_dir=tmp_path / "data", smtp_port=port,
+                    tls_ca_file=str(tmp_path / "certs" / "ca.pem"),
+                    sending_policy_file=str(policy_file))  # fmt: skip
+
+
+def test_a_deferral_waits_its_backoff_then_expires_past_max_age(tmp_path):
+    receiver = Receiver(Script(rcpt_replies={"member0@example.org": "451 4.3.0 try later"}))
+    retry = load_policy().retry
+    with smtp_server(receiver, tmp_path / "certs") as port:
+        settings = settings_for(tmp_path, port)
+        run_id = seed_run(settings, 3)
+        assert run_stage(settings, run_id, "send")["deferred"] == 1
+        sessions = open_ledger(settings.ledger_url)
+        with sessions() as session:
+            query = select(Message).where(Message.recipient == "member0@example.org")
+            deferred = session.scalars(query).one()
+            assert deferred.state == MessageState.DEFERRED and deferred.tries == 1
+            assert deferred.next_attempt_at is not None
+            wait = deferred.next_attempt_at.replace(tzinfo=UTC) - datetime.now(UTC)
+            assert timedelta(seconds=retry.first_delay_seconds - 60) < wait
+            assert wait <= timedelta(seconds=retry.first_delay_seconds)
+        # Not due yet: the next send leaves it alone.
+        assert sum(run_stage(settings, run_id, "send").values()) == 0
+        with sessions.begin() as session:
+            old = session.get_one(Message, deferred.message_id)
+            old.next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
+            old.created_at = datetime.now(UTC) - timedelta(seconds=retry.max_age_seconds)
+        assert run_stage(settings, run_id, "send")["expired"] == 1
+        with sessions() as session:
+            expired = session.get_one(Message, deferred.message_id)
+            assert expired.state == MessageState.EXPIRED and expired.tries == 2
+    assert len(receiver.arrivals) == 2
+
+
+@pytest.mark.parametrize(("fallback", "channel", "notices"), [("notification", "email", 2),
+                                                           ("print", "print", 0)])  # fmt: skip
+def test_without_tls_the_member_gets_the_portal_notice_or_print(
+    tmp_path, fallback, channel, notices
+):
+    ensure_certificates(tmp_path / "certs", "127.0.0.1")
+    receiver = Receiver(Script())
+    with smtp_server(receiver, None) as port:
+        settings = settings_for(tmp_path, port, fallback)
+        run_id = seed_run(settings, 2)
+        assert run_stage(settings, run_id, "send")["fallback"] == 2
+    sessions = open_ledger(settings.ledger_url)
+    with sessions() as session:
+        assert {m.state for m in session.scalars(select(Message))} == {MessageState.FALLBACK}
+        # Print when no notice could go out (or by policy); else the member has the notice.
+        assert {s.channel for s in session.scalars(select(Statement))} == {channel}
+    assert len(receiver.arrivals) == notices
+    for arrival in receiver.arrivals:
+        # No PHI: no attachment, no address or statement id anywhere in the content.
+        assert b"application/pdf" not in arrival.content
+        assert b"@example.org" not in arrival.content and b"s0000" not in arrival.content
