@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import bounces, datasets, reconcile
+from pipeline import bounces, cases, collect, datasets, reconcile
 from pipeline.compose import compose_eob_email
 from pipeline.config import Settings
 from pipeline.errors import AccountingError, FileRejected
@@ -351,6 +351,10 @@ def _plan(ctx: RunContext) -> dict[str, int]:
                 counts["suppressed"] += 1
             else:
                 counts["planned"] += 1
+        # Approved verify-before-resend cases go out as new attempts with this run.
+        counts["resends_planned"] = cases.plan_approved_resends(
+            session, ctx.run_id, ctx.settings.sending_ips
+        )
     return counts
 
 
@@ -366,6 +370,11 @@ def _send(ctx: RunContext) -> dict[str, int]:
             )
             .order_by(Message.message_id)
         ).all()
+        # A bounce rate over the pause threshold holds that IP and provider until acknowledged.
+        paused = reconcile.paused_routes(session)
+        pending = [
+            m for m in pending if (m.source_ip, reconcile.provider_of(m.recipient)) not in paused
+        ]
         outgoing = [_outgoing(ctx, session, message) for message in pending]
     counts = {outcome.value: 0 for outcome in Outcome}
     progress = iter(ctx.track(outgoing, "send", len(outgoing)))
@@ -392,6 +401,8 @@ def _send(ctx: RunContext) -> dict[str, int]:
             )
             if result.outcome == Outcome.BOUNCED:
                 _record_smtp_rejection(session, message, result)
+            elif result.outcome == Outcome.ACCEPTED:
+                cases.on_attempt_accepted(session, message)
         counts[result.outcome] += 1
         next(progress, None)
 
@@ -442,56 +453,77 @@ def _outgoing(ctx: RunContext, session: Session, message: Message) -> Outgoing:
 
 def _record_smtp_rejection(session: Session, message: Message, result: SendResult) -> None:
     """A 5xx at SMTP time flows into the same bounce path as a DSN."""
-    status = bounces.enhanced_status(result.reply)
+    status, bounce_class = bounces.smtp_rejection(result.code or 0, result.reply)
     session.add(
         Bounce(
             dedupe_key=f"smtp:{message.message_id}",
             message_id=message.message_id,
             received_at=datetime.now(UTC),
-            bounce_class=bounces.classify(status, result.reply),
+            bounce_class=bounce_class,
             status_code=status,
             diagnostic=f"smtp; {result.code} {result.reply}",
             recipient=message.recipient,
+            kind=bounces.ReportKind.SMTP,
+            matched_by="smtp",
         )
     )
 
 
 def _bounces(ctx: RunContext) -> dict[str, int]:
     counts = {"reports": 0, "matched": 0, "unmatched": 0, "already_seen": 0}
-    maildir = ctx.settings.return_path_maildir
-    for key, raw in bounces.read_maildir(maildir):
-        with ctx.sessions.begin() as session:
-            for report in bounces.parse_report(
-                raw, return_path_domain=ctx.settings.return_path_domain
-            ):
-                if session.scalar(select(Bounce).where(Bounce.dedupe_key == report.dedupe_key)):
-                    counts["already_seen"] += 1
-                    continue
-                known = report.message_token and session.get(Message, report.message_token)
-                session.add(
-                    Bounce(
-                        dedupe_key=report.dedupe_key,
-                        message_id=report.message_token if known else None,
-                        received_at=datetime.now(UTC),
-                        bounce_class=report.bounce_class,
-                        status_code=report.status,
-                        diagnostic=report.diagnostic,
-                        recipient=report.recipient,
-                    )
-                )
-                counts["reports"] += 1
-                counts["matched" if known else "unmatched"] += 1
-        bounces.mark_processed(maildir, key)
+    source = collect.MaildirSource(ctx.settings.return_path_maildir)
+    archive = collect.Archive.in_data_dir(ctx.settings.data_dir)
+    for item in source.messages():
+        if archive.has(item.sha256):
+            counts["already_seen"] += 1
+        else:
+            archive.keep(item)
+            with ctx.sessions.begin() as session:
+                for report in bounces.parse_report(
+                    item.raw, return_path_domain=ctx.settings.return_path_domain
+                ):
+                    matched = _record_report(session, report, item.sha256)
+                    counts["reports"] += 1
+                    counts["matched" if matched else "unmatched"] += 1
+        source.mark_processed(item.ref)
     return counts
 
 
+def _record_report(session: Session, report: bounces.BounceReport, sha256: str) -> bool:
+    """Match VERP first, else the returned Message-ID; unmatched ones wait for review."""
+    message_id, matched_by = None, "none"
+    if report.message_token and session.get(Message, report.message_token):
+        message_id, matched_by = report.message_token, "verp"
+    elif report.original_message_id:
+        local = report.original_message_id.partition("@")[0]
+        if session.get(Message, local):
+            message_id, matched_by = local, "message_id"
+    session.add(
+        Bounce(
+            dedupe_key=report.dedupe_key,
+            message_id=message_id,
+            received_at=datetime.now(UTC),
+            bounce_class=report.bounce_class,
+            status_code=report.status,
+            diagnostic=report.diagnostic,
+            recipient=report.recipient,
+            kind=report.kind,
+            matched_by=matched_by,
+            raw_sha256=sha256,
+        )
+    )
+    return message_id is not None
+
+
 def _reconcile(ctx: RunContext) -> dict[str, int]:
+    policy = reconcile.load_policy()
     counts = {"bounces": 0, "resend_cases_opened": 0}
     with ctx.sessions.begin() as session:
         for bounce in session.scalars(select(Bounce).where(Bounce.reconciled.is_(False))).all():
             counts["bounces"] += 1
-            counts["resend_cases_opened"] += reconcile.reconcile_bounce(session, bounce)
-    return counts
+            counts["resend_cases_opened"] += reconcile.reconcile_bounce(session, bounce, policy)
+        rates = reconcile.monitor_bounce_rates(session, ctx.run_id, policy)
+    return counts | {f"bounce_rate_{level}": n for level, n in rates.items()}
 
 
 def _datasets(ctx: RunContext) -> dict[str, int]:
