@@ -45,28 +45,62 @@ def _seed(session: Session) -> None:
     now = datetime.now(UTC)
     session.add(Run(run_id="r1", started_at=now, drop="landing"))
     session.flush()
-    session.add(InputFile(file_id=1, sha256="0" * 64, file_name="f.csv", insurer="acme",
-                          size_bytes=1, run_id="r1", registered_at=now, status="validated"))  # fmt: skip
+    session.add(
+        InputFile(
+            file_id=1,
+            sha256="0" * 64,
+            file_name="f.csv",
+            insurer="acme",
+            size_bytes=1,
+            run_id="r1",
+            registered_at=now,
+            status="validated",
+        )
+    )
     session.flush()
 
 
 def _accepted(session: Session, n: int, *, email: str = "old@example.org", ip: str = "127.0.0.2"):
     now = datetime.now(UTC)
-    session.add(Statement(statement_id=f"s{n}", run_id="r1", file_id=1, member_id=f"M{n}",
-                          channel="email", email=email, claim_lines=1, member_owes=0))  # fmt: skip
+    session.add(
+        Statement(
+            statement_id=f"s{n}",
+            run_id="r1",
+            file_id=1,
+            member_id=f"M{n}",
+            channel="email",
+            email=email,
+            claim_lines=1,
+            member_owes=0,
+        )
+    )
     session.flush()
-    message = Message(message_id=f"m{n}", statement_id=f"s{n}", run_id="r1", attempt=1,
-                      recipient=email, source_ip=ip, ehlo_name="mta",
-                      state=MessageState.ACCEPTED, created_at=now, updated_at=now)  # fmt: skip
+    message = Message(
+        message_id=f"m{n}",
+        statement_id=f"s{n}",
+        run_id="r1",
+        attempt=1,
+        recipient=email,
+        source_ip=ip,
+        ehlo_name="mta",
+        state=MessageState.ACCEPTED,
+        created_at=now,
+        updated_at=now,
+    )
     session.add(message)
     session.flush()
     return message
 
 
 def _bounce(session: Session, message: Message, cls: BounceClass, status: str = "5.1.1"):
-    bounce = Bounce(dedupe_key=f"k{message.message_id}{cls}{datetime.now(UTC).timestamp()}",
-                    message_id=message.message_id, received_at=datetime.now(UTC),
-                    bounce_class=cls, status_code=status, recipient=message.recipient)  # fmt: skip
+    bounce = Bounce(
+        dedupe_key=f"k{message.message_id}{cls}{datetime.now(UTC).timestamp()}",
+        message_id=message.message_id,
+        received_at=datetime.now(UTC),
+        bounce_class=cls,
+        status_code=status,
+        recipient=message.recipient,
+    )
     session.add(bounce)
     session.flush()
     return bounce
@@ -74,8 +108,9 @@ def _bounce(session: Session, message: Message, cls: BounceClass, status: str = 
 
 def _hard_bounced_case(session: Session, n: int = 1) -> ResendCase:
     message = _accepted(session, n)
-    assert reconcile.reconcile_bounce(session, _bounce(session, message, BounceClass.HARD_BOUNCE),
-                                      POLICY)  # fmt: skip
+    assert reconcile.reconcile_bounce(
+        session, _bounce(session, message, BounceClass.HARD_BOUNCE), POLICY
+    )
     return session.get_one(ResendCase, reconcile.case_id_for(message.message_id))
 
 
@@ -90,8 +125,14 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
         assert cases.plan_approved_resends(session, "r1", POOL) == 0
         with pytest.raises(cases.CaseActionRefused, match="only a verified case"):
             cases.approve(session, case.case_id, actor="bob")
-        cases.verify(session, case.case_id, actor="alice", channel="phone",
-                     evidence="called member on file number", address="New@Example.net")  # fmt: skip
+        cases.verify(
+            session,
+            case.case_id,
+            actor="alice",
+            channel="phone",
+            evidence="called member on file number",
+            address="New@Example.net",
+        )
         assert cases.plan_approved_resends(session, "r1", POOL) == 0
         with pytest.raises(cases.CaseActionRefused, match="must not be the verifier"):
             cases.approve(session, case.case_id, actor="alice")
@@ -100,25 +141,44 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
         assert cases.plan_approved_resends(session, "r1", POOL) == 0  # once only
         resend = session.scalars(select(Message).where(Message.attempt == 2)).one()
         assert (resend.case_id, resend.recipient, resend.state) == (
-            case.case_id, "New@example.net", MessageState.PLANNED,
-        )  # fmt: skip
+            case.case_id,
+            "New@example.net",
+            MessageState.PLANNED,
+        )
         assert case.state == CaseState.RESEND_PLANNED
         resend.state = MessageState.ACCEPTED
         cases.on_attempt_accepted(session, resend)
         cases.close(session, case.case_id, actor="alice", reason="delivered")
         assert (case.verified_by, case.approved_by, case.verified_channel) == (
-            "alice", "bob", "phone",
-        )  # fmt: skip
+            "alice",
+            "bob",
+            "phone",
+        )
     with sessions() as session:
-        trail = [(t.to_state, t.actor) for t in session.scalars(
-            select(StateTransition).where(StateTransition.entity_kind == "case")
-            .order_by(StateTransition.transition_id))]  # fmt: skip
-        assert trail == [("verified", "alice"), ("resend_planned", "plan"),
-                         ("resent", "send"), ("closed", "alice")]  # fmt: skip
+        trail = [
+            (t.to_state, t.actor)
+            for t in session.scalars(
+                select(StateTransition)
+                .where(StateTransition.entity_kind == "case")
+                .order_by(StateTransition.transition_id)
+            )
+        ]
+        assert trail == [
+            ("verified", "alice"),
+            ("resend_planned", "plan"),
+            ("resent", "send"),
+            ("closed", "alice"),
+        ]
         events = session.scalars(select(AuditEvent)).all()
         actions = [e.action for e in events]
-        for wanted in ("resend_case_opened", "case_verified", "case_approved", "resend_planned",
-                       "case_closed", "address_suppressed"):  # fmt: skip
+        for wanted in (
+            "resend_case_opened",
+            "case_verified",
+            "case_approved",
+            "resend_planned",
+            "case_closed",
+            "address_suppressed",
+        ):
             assert wanted in actions
         # Audit detail carries ids only: no address, old or new.
         assert not any("@" in e.detail for e in events)
@@ -143,8 +203,14 @@ def test_a_suppressed_verified_address_is_never_resent(sessions: sessionmaker[Se
     with sessions.begin() as session:
         _seed(session)
         case = _hard_bounced_case(session)
-        cases.verify(session, case.case_id, actor="alice", channel="portal",
-                     evidence="member confirmed in portal", address="old@example.org")  # fmt: skip
+        cases.verify(
+            session,
+            case.case_id,
+            actor="alice",
+            channel="portal",
+            evidence="member confirmed in portal",
+            address="old@example.org",
+        )
         with pytest.raises(cases.CaseActionRefused, match="suppressed"):
             cases.approve(session, case.case_id, actor="bob")
         cases.route_to_print(session, case.case_id, actor="bob", reason="address bad")
@@ -156,15 +222,22 @@ def test_a_resend_that_bounces_again_reopens_then_prints(sessions: sessionmaker[
         _seed(session)
         case = _hard_bounced_case(session)
         for attempt, address in ((2, "a@example.net"), (3, "b@example.net")):
-            cases.verify(session, case.case_id, actor="alice", channel="phone",
-                         evidence="called", address=address)  # fmt: skip
+            cases.verify(
+                session,
+                case.case_id,
+                actor="alice",
+                channel="phone",
+                evidence="called",
+                address=address,
+            )
             cases.approve(session, case.case_id, actor="bob")
             cases.plan_approved_resends(session, "r1", POOL)
             resend = session.scalars(select(Message).where(Message.attempt == attempt)).one()
             resend.state = MessageState.ACCEPTED
             cases.on_attempt_accepted(session, resend)
-            reconcile.reconcile_bounce(session, _bounce(session, resend, BounceClass.HARD_BOUNCE),
-                                       POLICY)  # fmt: skip
+            reconcile.reconcile_bounce(
+                session, _bounce(session, resend, BounceClass.HARD_BOUNCE), POLICY
+            )
         # max_failures = 2: the first resend's bounce reopened it, the second sent it to print.
         assert case.state == CaseState.PRINT_FALLBACK and case.failures == 3
 
@@ -175,8 +248,9 @@ def test_complaint_suppresses_routes_to_print_and_opens_an_incident(
     with sessions.begin() as session:
         _seed(session)
         message = _accepted(session, 1)
-        reconcile.reconcile_bounce(session, _bounce(session, message, BounceClass.COMPLAINT, ""),
-                                   POLICY)  # fmt: skip
+        reconcile.reconcile_bounce(
+            session, _bounce(session, message, BounceClass.COMPLAINT, ""), POLICY
+        )
         case = session.get_one(ResendCase, reconcile.case_id_for("m1"))
         incident = session.scalars(select(Incident)).one()
         assert case.state == CaseState.PRINT_FALLBACK
@@ -197,17 +271,25 @@ def test_policy_block_alerts_per_ip_and_provider_and_requeues_on_ack(
             )
         alert = session.scalars(select(DeliverabilityAlert)).one()
         assert (alert.kind, alert.source_ip, alert.provider, alert.count) == (
-            "policy_block", "127.0.0.2", "bigmail.example", 3,
-        )  # fmt: skip
+            "policy_block",
+            "127.0.0.2",
+            "bigmail.example",
+            3,
+        )
         # The address is not in doubt: no suppression, no case, nothing requeued before the ack.
         assert session.scalars(select(Suppression)).all() == []
         assert session.scalars(select(ResendCase)).all() == []
         assert session.scalars(select(Message).where(Message.attempt == 2)).all() == []
-        assert reconcile.acknowledge_alert(session, alert.alert_id, actor="ops", run_id="r1",
-                                           pool=POOL) == 3  # fmt: skip
+        assert (
+            reconcile.acknowledge_alert(
+                session, alert.alert_id, actor="ops", run_id="r1", pool=POOL
+            )
+            == 3
+        )
         with pytest.raises(cases.CaseActionRefused):
-            reconcile.acknowledge_alert(session, alert.alert_id, actor="ops", run_id="r1",
-                                        pool=POOL)  # fmt: skip
+            reconcile.acknowledge_alert(
+                session, alert.alert_id, actor="ops", run_id="r1", pool=POOL
+            )
 
 
 def test_soft_bounces_open_a_case_only_at_the_limit(sessions: sessionmaker[Session]):
@@ -229,12 +311,14 @@ def test_bounce_rate_over_pause_holds_the_route(sessions: sessionmaker[Session])
         _seed(session)
         messages = [_accepted(session, n, email=f"u{n}@isp.example") for n in range(40)]
         for message in messages[:1]:
-            reconcile.reconcile_bounce(session, _bounce(session, message, BounceClass.HARD_BOUNCE),
-                                       POLICY)  # fmt: skip
+            reconcile.reconcile_bounce(
+                session, _bounce(session, message, BounceClass.HARD_BOUNCE), POLICY
+            )
         assert reconcile.monitor_bounce_rates(session, "r1", POLICY) == {"warn": 1, "pause": 0}
         for message in messages[1:3]:
-            reconcile.reconcile_bounce(session, _bounce(session, message, BounceClass.HARD_BOUNCE),
-                                       POLICY)  # fmt: skip
+            reconcile.reconcile_bounce(
+                session, _bounce(session, message, BounceClass.HARD_BOUNCE), POLICY
+            )
         assert reconcile.monitor_bounce_rates(session, "r1", POLICY) == {"warn": 0, "pause": 1}
         assert reconcile.paused_routes(session) == {("127.0.0.2", "isp.example")}
 
@@ -294,9 +378,10 @@ class CaseMachine(RuleBasedStateMachine):
     @rule(bounce=st.booleans())
     def send_latest(self, bounce):
         latest = self.session.scalars(
-            select(Message).where(Message.case_id == self.case.case_id)
+            select(Message)
+            .where(Message.case_id == self.case.case_id)
             .order_by(Message.attempt.desc())
-        ).first()  # fmt: skip
+        ).first()
         assert latest is not None
         latest.state = MessageState.ACCEPTED
         cases.on_attempt_accepted(self.session, latest)
@@ -320,8 +405,12 @@ class CaseMachine(RuleBasedStateMachine):
     @invariant()
     def every_resend_was_verified_and_approved_by_another(self):
         resends = self.session.scalars(select(Message).where(Message.attempt > 1)).all()
-        planned = [t for t in self.session.scalars(
-            select(StateTransition).where(StateTransition.to_state == "resend_planned"))]  # fmt: skip
+        planned = [
+            t
+            for t in self.session.scalars(
+                select(StateTransition).where(StateTransition.to_state == "resend_planned")
+            )
+        ]
         assert len(resends) == len(planned)
         for message in resends:
             assert message.case_id == self.case.case_id
