@@ -166,16 +166,13 @@ def review_list(settings: Settings, state: str) -> None:
 
     with _ledger(settings)() as session:
         query = select(ResendCase).order_by(ResendCase.opened_at.desc())
-        table = Table("case", "state", "reason", "opened", "failures")
+        # Plain tab-separated lines: readable, and scriptable without a table's wrapping.
+        click.echo("case\tstate\treason\topened\tfailures")
         for case in session.scalars(query.where(ResendCase.state == state) if state else query):
-            table.add_row(
-                case.case_id,
-                case.state,
-                case.reason,
-                f"{case.opened_at:%Y-%m-%d %H:%M}",
-                str(case.failures),
+            click.echo(
+                f"{case.case_id}\t{case.state}\t{case.reason}\t"
+                f"{case.opened_at:%Y-%m-%d %H:%M}\t{case.failures}"
             )
-        Console().print(table)
         unmatched = session.scalar(
             select(func.count()).select_from(Bounce).where(Bounce.message_id.is_(None))
         )
