@@ -211,8 +211,10 @@ def _dsn_block(
     diagnostic = _unfold(block.get("Diagnostic-Code"))
     if action in {"delivered", "relayed", "expanded"}:
         return recipient, status, diagnostic, BounceClass.DELIVERED
-    # The diagnostic first; the MTA's own explanation when the diagnostic explains nothing.
-    bounce_class = classify(status, diagnostic)
+    # The diagnostic first (with the SMTP command it answered, when the report names it); the
+    # MTA's own explanation when the diagnostic explains nothing.
+    command = _SMTP_COMMAND.search(_about(human, recipient) if recipient else human)
+    bounce_class = classify(status, f"{diagnostic or ''} {command.group(0) if command else ''}")
     if bounce_class == BounceClass.UNKNOWN or not diagnostic:
         bounce_class = classify(status, _about(human, recipient) if recipient else human)
     if action == "delayed" and bounce_class in {BounceClass.HARD_BOUNCE, BounceClass.UNKNOWN}:
@@ -228,6 +230,8 @@ def _verp_token(message: Message, domain: str) -> str | None:
     return None
 
 
+# "in reply to end of DATA command" (Postfix), ">>> DATA" (Sendmail): where the refusal came.
+_SMTP_COMMAND = re.compile(r"in reply to (end of )?\w+( command)?|>>> ?[A-Z]+", re.IGNORECASE)
 _MESSAGE_ID = re.compile(r"^Message-ID:\s*<([^>\s]+)>", re.IGNORECASE | re.MULTILINE)
 
 
