@@ -159,28 +159,10 @@ def plan_approved_resends(
             # Suppressed since approval (a complaint, another bounce): never sent; print.
             route_to_print(session, case.case_id, actor=actor, reason="address suppressed")
             continue
-        attempt = 1 + (
-            session.scalar(
-                select(func.max(Message.attempt)).where(Message.statement_id == case.statement_id)
-            )
-            or 0
+        message = plan_attempt(
+            session, case.statement_id, case.verified_address, run_id, pool, case.case_id
         )
-        ip = assign_ip(case.statement_id, pool)
-        now = datetime.now(UTC)
-        message = Message(
-            message_id=message_token(case.statement_id, attempt),
-            statement_id=case.statement_id,
-            run_id=run_id,
-            attempt=attempt,
-            case_id=case.case_id,
-            recipient=case.verified_address,
-            source_ip=ip.address,
-            ehlo_name=ip.ehlo_name,
-            state=MessageState.PLANNED,
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(message)
+        attempt = message.attempt
         transition_case(
             session, case, CaseState.RESEND_PLANNED, actor=actor, reason=f"attempt {attempt}"
         )
@@ -194,6 +176,39 @@ def plan_approved_resends(
         )
         planned += 1
     return planned
+
+
+def plan_attempt(
+    session: Session,
+    statement_id: str,
+    recipient: str,
+    run_id: str,
+    pool: tuple[SendingIp, ...],
+    case_id: str | None,
+) -> Message:
+    """A new message row: the statement's next attempt, planned in `run_id`."""
+    latest = session.scalar(
+        select(func.max(Message.attempt)).where(Message.statement_id == statement_id)
+    )
+    attempt = (latest or 0) + 1
+    # A new attempt may go out over another IP of the pool than the one that failed.
+    ip = assign_ip(f"{statement_id}:{attempt}", pool)
+    now = datetime.now(UTC)
+    message = Message(
+        message_id=message_token(statement_id, attempt),
+        statement_id=statement_id,
+        run_id=run_id,
+        attempt=attempt,
+        case_id=case_id,
+        recipient=recipient,
+        source_ip=ip.address,
+        ehlo_name=ip.ehlo_name,
+        state=MessageState.PLANNED,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(message)
+    return message
 
 
 def on_attempt_accepted(session: Session, message: Message, *, actor: str = "send") -> None:

@@ -33,7 +33,6 @@ from pipeline.ledger.models import (
     Suppression,
 )
 from pipeline.ledger.states import CaseState, MessageState, transition_case, transition_message
-from pipeline.plan import assign_ip, message_token
 
 ACTOR = "reconcile"
 POLICY_FILE = Path(__file__).resolve().parent.parent / "config" / "reconcile_policy.toml"
@@ -318,24 +317,7 @@ def acknowledge_alert(
         )
         if latest != old.attempt:
             continue  # already requeued
-        attempt = old.attempt + 1
-        ip = assign_ip(f"{old.statement_id}:{attempt}", pool)
-        now = datetime.now(UTC)
-        session.add(
-            Message(
-                message_id=message_token(old.statement_id, attempt),
-                statement_id=old.statement_id,
-                run_id=run_id,
-                attempt=attempt,
-                case_id=old.case_id,
-                recipient=old.recipient,
-                source_ip=ip.address,
-                ehlo_name=ip.ehlo_name,
-                state=MessageState.PLANNED,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        cases.plan_attempt(session, old.statement_id, old.recipient, run_id, pool, old.case_id)
         requeued += 1
     audit(
         session,
