@@ -171,7 +171,10 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
     if not (temporary or permanent) and _is_auto_reply(message):
         return [report(0, ReportKind.AUTO_REPLY, None, None, None, BounceClass.AUTO_REPLY)]
     if not (temporary or permanent or _looks_like_bounce(message)):
-        return [report(0, ReportKind.NOT_BOUNCE, None, None, None, BounceClass.NOT_BOUNCE)]
+        # Kept (ledger only) so reconcile can tell a "this is not me" reply.
+        return [
+            report(0, ReportKind.NOT_BOUNCE, None, None, _excerpt(human), BounceClass.NOT_BOUNCE)
+        ]
     found = [(r, True) for r in sorted(permanent)] + [(r, False) for r in sorted(temporary)]
     if not found:
         status = enhanced_status(human)
@@ -248,7 +251,9 @@ def _original_message_id(message: Message) -> str | None:
     for found in _MESSAGE_ID.finditer(_body_text(message)):
         if found.group(1) not in own:
             return found.group(1)
-    return None
+    # A person's reply names what it answers.
+    replied = re.search(r"<([^>\s]+)>", str(message.get("In-Reply-To") or ""))
+    return replied.group(1) if replied else None
 
 
 def _part(message: Message, content_type: str) -> Message | None:

@@ -12,6 +12,7 @@ matched no message waits on the review list.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -47,6 +48,7 @@ class Policy:
     rate_pause: float = 0.05
     rate_min_sent: int = 20
     cases: cases.CasePolicy = cases.CasePolicy()
+    misdelivery: re.Pattern[str] = re.compile(r"not me", re.IGNORECASE)
 
 
 def load_policy(path: Path = POLICY_FILE) -> Policy:
@@ -63,8 +65,9 @@ def load_policy(path: Path = POLICY_FILE) -> Policy:
                 require_different_approver=bool(case["require_different_approver"]),
                 max_failures=int(case["max_failures"]),
             ),
+            misdelivery=re.compile(raw["misdelivery"]["reply_text"], re.IGNORECASE),
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, re.error) as err:
         raise ConfigError(f"{path.name}: missing or invalid setting {err}") from err
     if not 0 < policy.rate_warn <= policy.rate_pause <= 1:
         raise ConfigError(f"{path.name}: bounce_rate needs 0 < warn <= pause <= 1")
@@ -100,7 +103,9 @@ def reconcile_bounce(session: Session, bounce: Bounce, policy: Policy) -> bool:
             transition_message(session, message, MessageState.DELIVERED, actor=ACTOR)
         return False
     if cls == BounceClass.COMPLAINT:
-        return _complaint(session, message, bounce)
+        return _misdelivered(session, message, bounce, "complaint after acceptance")
+    if cls == BounceClass.NOT_BOUNCE and policy.misdelivery.search(bounce.diagnostic or ""):
+        return _misdelivered(session, message, bounce, "reply says wrong recipient")
     if cls == BounceClass.POLICY_BLOCK:
         _mark_bounced(session, message, bounce)
         _raise_alert(session, "policy_block", message, count=1, rate=None)
@@ -145,18 +150,19 @@ def _soft_limit_reached(session: Session, message: Message, policy: Policy) -> b
     return (soft or 0) >= policy.soft_max_bounces or age >= policy.soft_max_age
 
 
-def _complaint(session: Session, message: Message, bounce: Bounce) -> bool:
+def _misdelivered(session: Session, message: Message, bounce: Bounce, why: str) -> bool:
+    """Suspected misdelivery: suppress the address, print instead, open an incident."""
     _suppress(session, message.recipient, bounce)
     opened = _open_or_reopen_case(session, message, bounce, None)
     case = session.get_one(ResendCase, message.case_id or case_id_for(message.message_id))
     if case.state not in (CaseState.PRINT_FALLBACK, CaseState.CLOSED):
-        transition_case(session, case, CaseState.PRINT_FALLBACK, actor=ACTOR, reason="complaint")
+        transition_case(session, case, CaseState.PRINT_FALLBACK, actor=ACTOR, reason=why)
     cases.open_incident(
         session,
         message.message_id,
         actor=ACTOR,
         case_id=case.case_id,
-        reason="complaint after acceptance: suspected misdelivery",
+        reason=f"{why}: suspected misdelivery",
     )
     return opened
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.bounces import (
     BounceClass,
@@ -104,3 +106,40 @@ def test_verp_round_trip_and_enhanced_status():
 def test_garbage_is_not_a_bounce():
     [report] = parse_report(b"\x00\xff not an email at all", return_path_domain=DOMAIN)
     assert report.bounce_class == BounceClass.NOT_BOUNCE
+
+
+def test_a_reply_is_not_a_bounce_and_names_what_it_answers():
+    raw = (
+        b"From: member@example.org\r\nTo: statements@eob.example.com\r\n"
+        b"Subject: Re: Your Explanation of Benefits is ready\r\n"
+        b"In-Reply-To: <mabc123@eob.example.com>\r\n\r\nThis is not me, wrong person.\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.NOT_BOUNCE
+    assert report.original_message_id == "mabc123@eob.example.com"
+    assert "not me" in (report.diagnostic or "")
+
+
+@given(
+    raw=st.one_of(
+        st.binary(max_size=2000),
+        st.builds(
+            lambda head, body: head + b"\r\n\r\n" + body,
+            st.sampled_from(
+                [
+                    b"Content-Type: multipart/report; report-type=delivery-status; boundary=b",
+                    b"Content-Type: message/delivery-status",
+                    b"From: MAILER-DAEMON@example.org\r\nSubject: Undelivered Mail",
+                    b"Auto-Submitted: auto-replied\r\nSubject: Out of office",
+                ]
+            ),
+            st.binary(max_size=1500),
+        ),
+    )
+)
+@settings(max_examples=150, deadline=None)
+def test_any_input_parses_to_at_least_one_report(raw):
+    reports = parse_report(raw, return_path_domain=DOMAIN)
+    assert reports
+    assert len({r.dedupe_key for r in reports}) == len(reports)
+    assert all(isinstance(r.bounce_class, BounceClass) for r in reports)

@@ -425,3 +425,20 @@ class CaseMachine(RuleBasedStateMachine):
 
 TestCaseMachine = CaseMachine.TestCase
 TestCaseMachine.settings = hsettings(max_examples=100, stateful_step_count=20, deadline=None)
+
+
+def test_a_not_me_reply_is_a_suspected_misdelivery(sessions: sessionmaker[Session]):
+    with sessions.begin() as session:
+        _seed(session)
+        message = _accepted(session, 1)
+        reply = _bounce(session, message, BounceClass.NOT_BOUNCE, "")
+        reply.diagnostic = "Hello, I think you sent this to the wrong person. Not me!"
+        reconcile.reconcile_bounce(session, reply, POLICY)
+        other = _accepted(session, 2, email="other@example.org")
+        thanks = _bounce(session, other, BounceClass.NOT_BOUNCE, "")
+        thanks.diagnostic = "Thank you, received."
+        reconcile.reconcile_bounce(session, thanks, POLICY)
+        [incident] = session.scalars(select(Incident)).all()
+        assert incident.message_id == "m1"
+        assert session.get_one(ResendCase, reconcile.case_id_for("m1")).state == "print_fallback"
+        assert session.get(ResendCase, reconcile.case_id_for("m2")) is None
