@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
+
+from pipeline.errors import ConfigError
 
 # The archive key comes from the environment in production; a development data directory
 # gets a key file of its own (mode 0600) so the demo needs no setup.
@@ -64,9 +67,12 @@ class MboxSource:
 
     def messages(self) -> Iterator[Collected]:
         box = mailbox.mbox(self.path, create=False)
-        for key in box.keys():
-            if "R" not in box.get_message(key).get_flags():
-                yield Collected(str(key), box.get_bytes(key))
+        try:
+            unread = [k for k in box.keys() if "R" not in box.get_message(k).get_flags()]
+            found = [Collected(str(key), box.get_bytes(key)) for key in unread]
+        finally:
+            box.close()
+        yield from found
 
     def mark_processed(self, ref: str) -> None:
         box = mailbox.mbox(self.path, create=False)
@@ -80,6 +86,7 @@ class MboxSource:
             box.flush()
         finally:
             box.unlock()
+            box.close()
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,33 @@ class ImapSource:
             client.uid("STORE", ref, "+FLAGS", "(\\Seen)")
         finally:
             client.logout()
+
+
+IMAP_PASSWORD_ENV = "EOB_IMAP_PASSWORD"
+
+
+def source_from(spec: str, default_maildir: Path) -> Source:
+    """The return-path source a `return_path_source` setting names."""
+    if not spec:
+        return MaildirSource(default_maildir)
+    kind, _, rest = spec.partition(":")
+    if kind == "maildir" and rest:
+        return MaildirSource(Path(rest))
+    if kind == "mbox" and rest:
+        return MboxSource(Path(rest))
+    if kind == "imaps":
+        url = urlsplit(spec)
+        if url.hostname and url.username:
+            return ImapSource(
+                url.hostname,
+                url.username,
+                os.environ.get(IMAP_PASSWORD_ENV, ""),
+                url.path.strip("/") or "INBOX",
+                url.port or 993,
+            )
+    raise ConfigError(
+        "setting return_path_source: expected maildir:PATH, mbox:PATH or imaps://USER@HOST/FOLDER"
+    )
 
 
 class Archive:

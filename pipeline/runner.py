@@ -471,7 +471,7 @@ def _record_smtp_rejection(session: Session, message: Message, result: SendResul
 
 def _bounces(ctx: RunContext) -> dict[str, int]:
     counts = {"reports": 0, "matched": 0, "unmatched": 0, "already_seen": 0}
-    source = collect.MaildirSource(ctx.settings.return_path_maildir)
+    source = collect.source_from(ctx.settings.return_path_source, ctx.settings.return_path_maildir)
     archive = collect.Archive.in_data_dir(ctx.settings.data_dir)
     for item in source.messages():
         if archive.has(item.sha256):

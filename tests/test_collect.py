@@ -78,3 +78,36 @@ def test_the_bounces_stage_processes_a_report_once(sink, tmp_path: Path):
     with open_ledger(sink.ledger_url)() as session:
         [bounce] = session.scalars(select(Bounce)).all()
         assert (bounce.matched_by, bounce.message_id, bounce.kind) == ("none", None, "dsn")
+
+
+def test_the_source_setting(tmp_path: Path):
+    from pipeline.collect import ImapSource, source_from
+    from pipeline.errors import ConfigError
+
+    assert source_from("", tmp_path / "rp") == MaildirSource(tmp_path / "rp")
+    assert source_from(f"mbox:{tmp_path}/box", tmp_path) == MboxSource(tmp_path / "box")
+    imap = source_from("imaps://bounces@imap.example.org/Returns", tmp_path)
+    assert isinstance(imap, ImapSource)
+    assert (imap.host, imap.user, imap.folder, imap.port) == (
+        "imap.example.org",
+        "bounces",
+        "Returns",
+        993,
+    )
+    with pytest.raises(ConfigError, match="return_path_source"):
+        source_from("pop3://x", tmp_path)
+
+
+def test_the_bounces_stage_reads_an_mbox(sink, tmp_path: Path):
+    from dataclasses import replace
+
+    from pipeline.runner import run_stage, start_run
+    from tests.conftest import sample_drop
+
+    box = mailbox.mbox(tmp_path / "returns.mbox")
+    box.add(_dsn("mnotours"))
+    box.flush()
+    settings = replace(sink, return_path_source=f"mbox:{tmp_path / 'returns.mbox'}")
+    run_id = start_run(settings, sample_drop(tmp_path))
+    assert run_stage(settings, run_id, "bounces")["reports"] == 1
+    assert run_stage(settings, run_id, "bounces")["reports"] == 0
