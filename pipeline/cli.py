@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.progress import track as rich_track
 from rich.table import Table
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import Settings, load_settings
 from pipeline.runner import STAGES, finish_run, run_all, run_stage, start_run
@@ -146,3 +147,152 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
 def _print_datasets(settings: Settings) -> None:
     for name in ("delivery_facts", "audit_events"):
         click.echo(f"{name}: {(settings.datasets_dir / name).resolve()}")
+
+
+@main.group()
+def review() -> None:
+    """Verify-before-resend cases, the bounce review list and console users."""
+
+
+def _ledger(settings: Settings) -> sessionmaker[Session]:
+    from pipeline.ledger import open_ledger
+
+    return open_ledger(settings.ledger_url)
+
+
+def _case_action(settings: Settings, action: Callable[[Session], object]) -> None:
+    from pipeline.cases import CaseActionRefused
+    from pipeline.errors import IllegalTransition
+
+    try:
+        with _ledger(settings).begin() as session:
+            action(session)
+    except (CaseActionRefused, IllegalTransition) as err:
+        raise click.ClickException(str(err)) from err
+
+
+@review.command("list")
+@click.option("--state", default="", help="Only cases in this state.")
+@click.pass_obj
+def review_list(settings: Settings, state: str) -> None:
+    """Resend cases (newest first) and the count of unmatched bounces."""
+    from sqlalchemy import func, select
+
+    from pipeline.ledger.models import Bounce, ResendCase
+
+    with _ledger(settings)() as session:
+        query = select(ResendCase).order_by(ResendCase.opened_at.desc())
+        # Plain tab-separated lines: readable, and scriptable without a table's wrapping.
+        click.echo("case\tstate\treason\topened\tfailures")
+        for case in session.scalars(query.where(ResendCase.state == state) if state else query):
+            click.echo(
+                f"{case.case_id}\t{case.state}\t{case.reason}\t"
+                f"{case.opened_at:%Y-%m-%d %H:%M}\t{case.failures}"
+            )
+        unmatched = session.scalar(
+            select(func.count()).select_from(Bounce).where(Bounce.message_id.is_(None))
+        )
+        click.echo(f"bounces on the review list (unmatched): {unmatched}")
+
+
+@review.command("verify")
+@click.argument("case_id")
+@click.option("--actor", required=True, help="Who verified.")
+@click.option(
+    "--channel", required=True, type=click.Choice(["phone", "secure_sms", "portal", "mail"])
+)
+@click.option("--evidence", required=True, help="Evidence note (no PHI beyond the task).")
+@click.option("--address", required=True, help="The verified address, same or new.")
+@click.pass_obj
+def review_verify(
+    settings: Settings, case_id: str, actor: str, channel: str, evidence: str, address: str
+) -> None:
+    """Record a verification of CASE_ID's address by another channel."""
+    from pipeline import cases
+
+    _case_action(
+        settings,
+        lambda s: cases.verify(
+            s, case_id, actor=actor, channel=channel, evidence=evidence, address=address
+        ),
+    )
+    click.echo(f"{case_id}: verified")
+
+
+@review.command("approve")
+@click.argument("case_id")
+@click.option("--actor", required=True, help="Who approves (not the verifier).")
+@click.pass_obj
+def review_approve(settings: Settings, case_id: str, actor: str) -> None:
+    """Approve the resend of verified CASE_ID; the next run's plan stage makes the attempt."""
+    from pipeline import cases, reconcile
+
+    policy = reconcile.load_policy().cases
+    _case_action(settings, lambda s: cases.approve(s, case_id, actor=actor, policy=policy))
+    click.echo(f"{case_id}: approved")
+
+
+@review.command("print")
+@click.argument("case_id")
+@click.option("--actor", required=True)
+@click.option("--reason", default="operations")
+@click.pass_obj
+def review_print(settings: Settings, case_id: str, actor: str, reason: str) -> None:
+    """Route CASE_ID's statement to print."""
+    from pipeline import cases
+
+    _case_action(settings, lambda s: cases.route_to_print(s, case_id, actor=actor, reason=reason))
+    click.echo(f"{case_id}: print_fallback")
+
+
+@review.command("close")
+@click.argument("case_id")
+@click.option("--actor", required=True)
+@click.option("--reason", required=True)
+@click.pass_obj
+def review_close(settings: Settings, case_id: str, actor: str, reason: str) -> None:
+    """Close CASE_ID."""
+    from pipeline import cases
+
+    _case_action(settings, lambda s: cases.close(s, case_id, actor=actor, reason=reason))
+    click.echo(f"{case_id}: closed")
+
+
+@review.command("add-user")
+@click.argument("username")
+@click.option("--role", required=True, type=click.Choice(["viewer", "operator", "approver"]))
+@click.option("--actor", required=True, help="Who adds the user.")
+@click.password_option()
+@click.pass_obj
+def review_add_user(
+    settings: Settings, username: str, role: str, actor: str, password: str
+) -> None:
+    """Add or update a console user (the password is stored as an Argon2 hash)."""
+    from pipeline.console.auth import Role, add_user
+
+    try:
+        with _ledger(settings).begin() as session:
+            add_user(session, username, password, Role(role), actor=actor)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{username}: {role}")
+
+
+@main.command("console")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--insecure-cookies", is_flag=True, help="Allow the session cookie over plain HTTP.")
+@click.pass_obj
+def console_server(settings: Settings, host: str, port: int, insecure_cookies: bool) -> None:
+    """Serve the operations console (secret key from EOB_CONSOLE_SECRET)."""
+    import os
+
+    import uvicorn
+
+    from pipeline.console.app import create_app
+
+    secret = os.environ.get("EOB_CONSOLE_SECRET", "")
+    if len(secret) < 32:
+        raise click.ClickException("EOB_CONSOLE_SECRET: set it to at least 32 random characters")
+    app = create_app(settings, secret_key=secret, secure_cookies=not insecure_cookies)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -49,6 +49,10 @@ class Settings:
     from_address: str = "statements@eob.example.com"
     # Domain of the VERP return path: bounces+<message token>@<domain>.
     return_path_domain: str = "bounces.eob.example.com"
+    # Where reports to the return path are read: empty for data_dir/returnpath (a maildir),
+    # "maildir:PATH", "mbox:PATH", or "imaps://USER@HOST[:PORT]/FOLDER" (password from
+    # EOB_IMAP_PASSWORD).
+    return_path_source: str = ""
     # Plan name shown on the document and in the email.
     plan_name: str = "Example Health Plan"
 

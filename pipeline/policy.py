@@ -14,6 +14,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from pipeline.config import Settings
 from pipeline.errors import ConfigError
 
 DEFAULT_POLICY_FILE = Path(__file__).resolve().parent.parent / "config" / "sending.toml"
@@ -313,3 +314,9 @@ def _known(raw: dict[str, Any], where: str, allowed: set[str]) -> None:
 
 def _name(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+def policy_for(settings: Settings) -> SendingPolicy:
+    """The sending policy the settings name (`sending_policy_file`), else the shipped one."""
+    path = settings.sending_policy_file
+    return load_policy(Path(path)) if path else load_policy()

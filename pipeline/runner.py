@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import bounces, datasets, reconcile
+from pipeline import bounces, cases, collect, datasets, reconcile
 from pipeline.compose import compose_eob_email, compose_portal_notice
 from pipeline.config import Settings
 from pipeline.contracts import load_contract
@@ -45,7 +45,7 @@ from pipeline.ledger.models import (
 )
 from pipeline.ledger.states import MessageState, transition_message
 from pipeline.plan import ToPlan, Usage, message_token, plan_sends, verp_return_path
-from pipeline.policy import SendingPolicy, load_policy
+from pipeline.policy import SendingPolicy, policy_for
 from pipeline.profiles import load_profile
 from pipeline.rejections import write_rejection_report
 from pipeline.render import render_statement_pdf
@@ -404,7 +404,7 @@ def _render(ctx: RunContext) -> dict[str, int]:
 
 
 def _plan(ctx: RunContext) -> dict[str, int]:
-    policy = _policy(ctx.settings)
+    policy = policy_for(ctx.settings)
     today = datetime.now(UTC).date()
     counts = {"planned": 0, "suppressed": 0, "spilled_to_later_days": 0}
     with ctx.sessions.begin() as session:
@@ -456,12 +456,9 @@ def _plan(ctx: RunContext) -> dict[str, int]:
             else:
                 counts["planned"] += 1
                 counts["spilled_to_later_days"] += assignment.day > today
+        # Approved verify-before-resend cases go out as new attempts with this run.
+        counts["resends_planned"] = cases.plan_approved_resends(session, ctx.run_id, policy.pool)
     return counts
-
-
-def _policy(settings: Settings) -> SendingPolicy:
-    path = settings.sending_policy_file
-    return load_policy(Path(path)) if path else load_policy()
 
 
 def _domain(address: str) -> str:
@@ -502,7 +499,7 @@ def _usage(session: Session, today: date) -> Usage:
 
 def _send(ctx: RunContext) -> dict[str, int]:
     settings = ctx.settings
-    policy = _policy(settings)
+    policy = policy_for(settings)
     now = datetime.now(UTC)
     with ctx.sessions.begin() as session:
         _recover_interrupted(session, ctx.run_id)
@@ -516,6 +513,11 @@ def _send(ctx: RunContext) -> dict[str, int]:
             )
             .order_by(Message.message_id)
         ).all()
+        # A bounce rate over the pause threshold holds that IP and provider until acknowledged.
+        paused = reconcile.paused_routes(session)
+        pending = [
+            m for m in pending if (m.source_ip, reconcile.provider_of(m.recipient)) not in paused
+        ]
         pdfs = {
             m.message_id: _pdf_path(ctx, session.get_one(Statement, m.statement_id))
             for m in pending
@@ -586,6 +588,8 @@ def _record_result(
     transition_message(session, message, MessageState(result.outcome), actor="send", reason=reason)
     if result.outcome == Outcome.BOUNCED:
         _record_smtp_rejection(session, message, result)
+    elif result.outcome == Outcome.ACCEPTED:
+        cases.on_attempt_accepted(session, message)
     elif result.outcome == Outcome.FALLBACK:
         notified = result.code is not None and 200 <= result.code < 300
         if policy.tls_fallback == "print" or not notified:
@@ -637,56 +641,77 @@ def _outgoing(ctx: RunContext, message: Message) -> Outgoing:
 
 def _record_smtp_rejection(session: Session, message: Message, result: SendResult) -> None:
     """A 5xx at SMTP time flows into the same bounce path as a DSN."""
-    status = bounces.enhanced_status(result.reply)
+    status, bounce_class = bounces.smtp_rejection(result.code or 0, result.reply)
     session.add(
         Bounce(
             dedupe_key=f"smtp:{message.message_id}",
             message_id=message.message_id,
             received_at=datetime.now(UTC),
-            bounce_class=bounces.classify(status, result.reply),
+            bounce_class=bounce_class,
             status_code=status,
             diagnostic=f"smtp; {result.code} {result.reply}",
             recipient=message.recipient,
+            kind=bounces.ReportKind.SMTP,
+            matched_by="smtp",
         )
     )
 
 
 def _bounces(ctx: RunContext) -> dict[str, int]:
     counts = {"reports": 0, "matched": 0, "unmatched": 0, "already_seen": 0}
-    maildir = ctx.settings.return_path_maildir
-    for key, raw in bounces.read_maildir(maildir):
-        with ctx.sessions.begin() as session:
-            for report in bounces.parse_report(
-                raw, return_path_domain=ctx.settings.return_path_domain
-            ):
-                if session.scalar(select(Bounce).where(Bounce.dedupe_key == report.dedupe_key)):
-                    counts["already_seen"] += 1
-                    continue
-                known = report.message_token and session.get(Message, report.message_token)
-                session.add(
-                    Bounce(
-                        dedupe_key=report.dedupe_key,
-                        message_id=report.message_token if known else None,
-                        received_at=datetime.now(UTC),
-                        bounce_class=report.bounce_class,
-                        status_code=report.status,
-                        diagnostic=report.diagnostic,
-                        recipient=report.recipient,
-                    )
-                )
-                counts["reports"] += 1
-                counts["matched" if known else "unmatched"] += 1
-        bounces.mark_processed(maildir, key)
+    source = collect.source_from(ctx.settings.return_path_source, ctx.settings.return_path_maildir)
+    archive = collect.Archive.in_data_dir(ctx.settings.data_dir)
+    for item in source.messages():
+        if archive.has(item.sha256):
+            counts["already_seen"] += 1
+        else:
+            archive.keep(item)
+            with ctx.sessions.begin() as session:
+                for report in bounces.parse_report(
+                    item.raw, return_path_domain=ctx.settings.return_path_domain
+                ):
+                    matched = _record_report(session, report, item.sha256)
+                    counts["reports"] += 1
+                    counts["matched" if matched else "unmatched"] += 1
+        source.mark_processed(item.ref)
     return counts
 
 
+def _record_report(session: Session, report: bounces.BounceReport, sha256: str) -> bool:
+    """Match VERP first, else the returned Message-ID; unmatched ones wait for review."""
+    message_id, matched_by = None, "none"
+    if report.message_token and session.get(Message, report.message_token):
+        message_id, matched_by = report.message_token, "verp"
+    elif report.original_message_id:
+        local = report.original_message_id.partition("@")[0]
+        if session.get(Message, local):
+            message_id, matched_by = local, "message_id"
+    session.add(
+        Bounce(
+            dedupe_key=report.dedupe_key,
+            message_id=message_id,
+            received_at=datetime.now(UTC),
+            bounce_class=report.bounce_class,
+            status_code=report.status,
+            diagnostic=report.diagnostic,
+            recipient=report.recipient,
+            kind=report.kind,
+            matched_by=matched_by,
+            raw_sha256=sha256,
+        )
+    )
+    return message_id is not None
+
+
 def _reconcile(ctx: RunContext) -> dict[str, int]:
+    policy = reconcile.load_policy()
     counts = {"bounces": 0, "resend_cases_opened": 0}
     with ctx.sessions.begin() as session:
         for bounce in session.scalars(select(Bounce).where(Bounce.reconciled.is_(False))).all():
             counts["bounces"] += 1
-            counts["resend_cases_opened"] += reconcile.reconcile_bounce(session, bounce)
-    return counts
+            counts["resend_cases_opened"] += reconcile.reconcile_bounce(session, bounce, policy)
+        rates = reconcile.monitor_bounce_rates(session, ctx.run_id, policy)
+    return counts | {f"bounce_rate_{level}": n for level, n in rates.items()}
 
 
 def _datasets(ctx: RunContext) -> dict[str, int]:

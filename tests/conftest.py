@@ -15,7 +15,11 @@ from pipeline.demo import free_port, unknown_mailboxes
 from pipeline.sink import start_sink
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+# shared/ sits beside the clone (CI), or beside the folder of worktrees (development).
+SHARED_DATA = next(
+    (p / "shared" / "data" for p in (REPO.parent, REPO.parent.parent) if (p / "shared").is_dir()),
+    REPO.parent / "shared" / "data",
+)
 PG_ADMIN = os.environ.get("EOB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.bounces import (
     BounceClass,
     classify,
     enhanced_status,
-    load_rules,
     parse_report,
 )  # fmt: skip
 from pipeline.plan import token_from_verp, verp_return_path
@@ -85,16 +86,14 @@ def test_a_recipient_repeated_in_one_report_gets_distinct_keys():
         ("5.2.2", "552 5.2.2 over quota", BounceClass.SOFT_BOUNCE),
         (None, "550 No such user here", BounceClass.HARD_BOUNCE),
         ("2.0.0", "250 delivered", BounceClass.DELIVERED),
-        ("5.3.0", "554 other", BounceClass.UNKNOWN),
+        ("5.3.0", "554 other", BounceClass.SOFT_BOUNCE),
+        ("5.0.0", "554 no words we know", BounceClass.UNKNOWN),
+        ("5.0.0", "550 sender address rejected", BounceClass.POLICY_BLOCK),
+        ("5.1.1", "552 mailbox full", BounceClass.SOFT_BOUNCE),
     ],
 )
 def test_shipped_rules(status, text, expected):
     assert classify(status, text) == expected
-
-
-def test_rules_are_tried_in_file_order():
-    classes = [rule.bounce_class for rule in load_rules()]
-    assert classes.index(BounceClass.POLICY_BLOCK) < classes.index(BounceClass.HARD_BOUNCE)
 
 
 def test_verp_round_trip_and_enhanced_status():
@@ -107,3 +106,40 @@ def test_verp_round_trip_and_enhanced_status():
 def test_garbage_is_not_a_bounce():
     [report] = parse_report(b"\x00\xff not an email at all", return_path_domain=DOMAIN)
     assert report.bounce_class == BounceClass.NOT_BOUNCE
+
+
+def test_a_reply_is_not_a_bounce_and_names_what_it_answers():
+    raw = (
+        b"From: member@example.org\r\nTo: statements@eob.example.com\r\n"
+        b"Subject: Re: Your Explanation of Benefits is ready\r\n"
+        b"In-Reply-To: <mabc123@eob.example.com>\r\n\r\nThis is not me, wrong person.\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.NOT_BOUNCE
+    assert report.original_message_id == "mabc123@eob.example.com"
+    assert "not me" in (report.diagnostic or "")
+
+
+@given(
+    raw=st.one_of(
+        st.binary(max_size=2000),
+        st.builds(
+            lambda head, body: head + b"\r\n\r\n" + body,
+            st.sampled_from(
+                [
+                    b"Content-Type: multipart/report; report-type=delivery-status; boundary=b",
+                    b"Content-Type: message/delivery-status",
+                    b"From: MAILER-DAEMON@example.org\r\nSubject: Undelivered Mail",
+                    b"Auto-Submitted: auto-replied\r\nSubject: Out of office",
+                ]
+            ),
+            st.binary(max_size=1500),
+        ),
+    )
+)
+@settings(max_examples=150, deadline=None)
+def test_any_input_parses_to_at_least_one_report(raw):
+    reports = parse_report(raw, return_path_domain=DOMAIN)
+    assert reports
+    assert len({r.dedupe_key for r in reports}) == len(reports)
+    assert all(isinstance(r.bounce_class, BounceClass) for r in reports)

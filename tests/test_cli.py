@@ -29,3 +29,34 @@ def test_stage_by_stage_from_the_command_line(sink, tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
     finished = runner.invoke(main, ["finish", run_id])
     assert "messages accepted" in finished.output and "11" in finished.output
+
+
+def test_review_commands_work_the_case(tmp_path, monkeypatch):
+    from sqlalchemy import select
+
+    from pipeline.config import Settings
+    from pipeline.ledger import open_ledger
+    from pipeline.ledger.models import ConsoleUser, ResendCase
+    from tests.test_cases import _hard_bounced_case, _seed
+
+    settings = Settings(data_dir=tmp_path / "data")
+    with open_ledger(settings.ledger_url).begin() as session:
+        _seed(session)
+        case_id = _hard_bounced_case(session).case_id
+    monkeypatch.setenv("EOB_DATA_DIR", str(settings.data_dir))
+    runner = CliRunner()
+    listed = runner.invoke(main, ["review", "list"])
+    assert listed.exit_code == 0 and case_id in listed.output
+    verify = ["review", "verify", case_id, "--actor", "alice", "--channel", "mail",
+              "--evidence", "signed form returned", "--address", "new@example.net"]  # fmt: skip
+    assert runner.invoke(main, verify).exit_code == 0
+    same = runner.invoke(main, ["review", "approve", case_id, "--actor", "alice"])
+    assert same.exit_code != 0 and "must not be the verifier" in same.output
+    assert runner.invoke(main, ["review", "approve", case_id, "--actor", "bob"]).exit_code == 0
+    added = runner.invoke(main, ["review", "add-user", "vic", "--role", "viewer", "--actor", "ops"],
+                          input="a long enough password\na long enough password\n")  # fmt: skip
+    assert added.exit_code == 0, added.output
+    with open_ledger(settings.ledger_url)() as session:
+        assert session.get_one(ResendCase, case_id).approved_by == "bob"
+        user = session.scalars(select(ConsoleUser)).one()
+        assert user.role == "viewer" and "password" not in user.password_hash

@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Numeric,
@@ -125,6 +126,12 @@ class Bounce(Base):
     diagnostic: Mapped[str | None] = mapped_column(Text)
     recipient: Mapped[str | None] = mapped_column(Text)
     reconciled: Mapped[bool] = mapped_column(default=False)
+    # dsn, arf, auto_reply, non_standard, smtp, not_bounce (pipeline.bounces.ReportKind).
+    kind: Mapped[str] = mapped_column(String(20), default="dsn")
+    # How it was matched: verp, message_id, or none (then it waits on the review list).
+    matched_by: Mapped[str] = mapped_column(String(20), default="none")
+    # sha256 of the raw report kept encrypted in the archive (none for SMTP-time rejections).
+    raw_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class Suppression(Base):
@@ -149,6 +156,60 @@ class ResendCase(Base):
     opened_at: Mapped[datetime] = mapped_column(TZ)
     updated_at: Mapped[datetime] = mapped_column(TZ)
     reason: Mapped[str] = mapped_column(Text)
+    # The verification: channel (phone, secure_sms, portal, mail), evidence note, who, when,
+    # and the confirmed address (PHI: ledger only).
+    verified_channel: Mapped[str | None] = mapped_column(String(20))
+    verified_evidence: Mapped[str | None] = mapped_column(Text)
+    verified_by: Mapped[str | None] = mapped_column(String(100))
+    verified_at: Mapped[datetime | None] = mapped_column(TZ)
+    verified_address: Mapped[str | None] = mapped_column(Text)
+    approved_by: Mapped[str | None] = mapped_column(String(100))
+    approved_at: Mapped[datetime | None] = mapped_column(TZ)
+    # Bounces that reopened this case after a resend: past the policy's limit, print.
+    failures: Mapped[int] = mapped_column(default=1)
+
+
+class Incident(Base):
+    """A suspected misdelivery: a breach assessment is due within 60 days."""
+
+    __tablename__ = "incidents"
+    incident_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    case_id: Mapped[str | None] = mapped_column(ForeignKey("resend_cases.case_id"))
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.message_id"))
+    opened_at: Mapped[datetime] = mapped_column(TZ)
+    due_at: Mapped[datetime] = mapped_column(TZ)
+    opened_by: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str] = mapped_column(Text)
+    closed_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+class DeliverabilityAlert(Base):
+    """Policy blocks or a bounce rate over a threshold, per sending IP and provider."""
+
+    __tablename__ = "deliverability_alerts"
+    __table_args__ = (UniqueConstraint("kind", "source_ip", "provider", "opened_at"),)
+    alert_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    # policy_block, bounce_rate_warn, bounce_rate_pause
+    kind: Mapped[str] = mapped_column(String(30))
+    source_ip: Mapped[str] = mapped_column(String(45))
+    # The recipient domain's provider (the domain itself; no address).
+    provider: Mapped[str] = mapped_column(String(255))
+    count: Mapped[int]
+    rate: Mapped[float | None] = mapped_column(Float)
+    opened_at: Mapped[datetime] = mapped_column(TZ)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(100))
+    acknowledged_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+class ConsoleUser(Base):
+    """An operations console login; the password is stored as an Argon2 hash only."""
+
+    __tablename__ = "console_users"
+    username: Mapped[str] = mapped_column(String(100), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    # viewer, operator, approver
+    role: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(TZ)
 
 
 class StateTransition(Base):

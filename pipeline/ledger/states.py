@@ -76,7 +76,8 @@ CASE_TRANSITIONS: dict[CaseState, frozenset[CaseState]] = {
     C.VERIFIED: frozenset({C.RESEND_PLANNED, C.PRINT_FALLBACK, C.CLOSED}),
     C.UNREACHABLE: frozenset({C.PRINT_FALLBACK, C.CLOSED}),
     C.RESEND_PLANNED: frozenset({C.RESENT, C.NEEDS_VERIFICATION, C.PRINT_FALLBACK}),
-    C.RESENT: frozenset({C.CLOSED}),
+    # A resent message can bounce too: verify again, or print after repeated failure.
+    C.RESENT: frozenset({C.CLOSED, C.NEEDS_VERIFICATION, C.PRINT_FALLBACK}),
     C.PRINT_FALLBACK: frozenset({C.CLOSED}),
     C.CLOSED: frozenset(),
 }

@@ -1,0 +1,253 @@
+"""Verify-before-resend: the actions operations take on a resend case.
+
+needs_verification -> verified | unreachable; verified + approval (by someone other than the
+verifier) -> the next run's plan stage makes a NEW message row (attempt n+1, case_id set) to the
+verified address -> resend_planned -> resent when accepted -> closed; print_fallback from any
+open state. Every action checks the state machine (pipeline.ledger.states), records who and
+when on the case, and writes an audit event with ids only. Nothing here sends anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pipeline.errors import LedgerError
+from pipeline.ledger import audit
+from pipeline.ledger.models import Incident, Message, ResendCase, Suppression
+from pipeline.ledger.states import CaseState, MessageState, transition_case
+from pipeline.plan import assign_ip, message_token
+from pipeline.policy import PoolIp
+
+CHANNELS = ("phone", "secure_sms", "portal", "mail")
+# HIPAA breach assessment window for a suspected misdelivery.
+INCIDENT_DUE = timedelta(days=60)
+
+
+class CaseActionRefused(LedgerError):
+    """An action the case's state, the policy or the actor's identity does not allow."""
+
+
+@dataclass(frozen=True)
+class CasePolicy:
+    # The resend approver must differ from the verifier (four eyes).
+    require_different_approver: bool = True
+    # Resends that bounced again before the case goes to print instead.
+    max_failures: int = 2
+
+
+def get_case(session: Session, case_id: str) -> ResendCase:
+    case = session.get(ResendCase, case_id)
+    if case is None:
+        raise CaseActionRefused(f"case {case_id}: not found")
+    return case
+
+
+def verify(
+    session: Session, case_id: str, *, actor: str, channel: str, evidence: str, address: str
+) -> ResendCase:
+    """Record a verification by another channel and the confirmed (same or new) address."""
+    case = get_case(session, case_id)
+    if channel not in CHANNELS:
+        raise CaseActionRefused(f"case {case_id}: channel must be one of {', '.join(CHANNELS)}")
+    if not evidence.strip():
+        raise CaseActionRefused(f"case {case_id}: an evidence note is required")
+    try:
+        normalized = validate_email(address, check_deliverability=False).normalized
+    except EmailNotValidError as err:
+        # The message names the rule broken, never the value.
+        raise CaseActionRefused(f"case {case_id}: verified address is not valid") from err
+    transition_case(session, case, CaseState.VERIFIED, actor=actor, reason=f"via {channel}")
+    case.verified_channel, case.verified_evidence = channel, evidence.strip()
+    case.verified_by, case.verified_at = actor, datetime.now(UTC)
+    case.verified_address = normalized
+    case.approved_by = case.approved_at = None
+    same = normalized.lower() == _bounced_recipient(session, case).lower()
+    audit(
+        session,
+        "case_verified",
+        "case",
+        case_id,
+        actor=actor,
+        detail=f"channel={channel} address={'same' if same else 'new'}",
+    )
+    return case
+
+
+def mark_unreachable(session: Session, case_id: str, *, actor: str, note: str) -> ResendCase:
+    case = get_case(session, case_id)
+    transition_case(session, case, CaseState.UNREACHABLE, actor=actor, reason=note)
+    audit(session, "case_unreachable", "case", case_id, actor=actor)
+    return case
+
+
+def approve(
+    session: Session, case_id: str, *, actor: str, policy: CasePolicy = CasePolicy()
+) -> ResendCase:
+    """Approve the resend of a verified case; the next plan stage makes the new attempt."""
+    case = get_case(session, case_id)
+    if case.state != CaseState.VERIFIED or case.verified_address is None:
+        raise CaseActionRefused(f"case {case_id}: only a verified case can be approved")
+    if policy.require_different_approver and actor == case.verified_by:
+        raise CaseActionRefused(f"case {case_id}: the approver must not be the verifier")
+    if session.get(Suppression, case.verified_address.lower()) is not None:
+        raise CaseActionRefused(
+            f"case {case_id}: the verified address is suppressed; verify another or print"
+        )
+    case.approved_by, case.approved_at = actor, datetime.now(UTC)
+    audit(session, "case_approved", "case", case_id, actor=actor)
+    return case
+
+
+def route_to_print(session: Session, case_id: str, *, actor: str, reason: str) -> ResendCase:
+    case = get_case(session, case_id)
+    transition_case(session, case, CaseState.PRINT_FALLBACK, actor=actor, reason=reason)
+    audit(session, "case_routed_to_print", "case", case_id, actor=actor)
+    return case
+
+
+def close(session: Session, case_id: str, *, actor: str, reason: str) -> ResendCase:
+    case = get_case(session, case_id)
+    transition_case(session, case, CaseState.CLOSED, actor=actor, reason=reason)
+    audit(session, "case_closed", "case", case_id, actor=actor)
+    return case
+
+
+def open_incident(
+    session: Session, message_id: str, *, actor: str, reason: str, case_id: str | None = None
+) -> Incident:
+    """A suspected misdelivery: the breach assessment is due in 60 days."""
+    now = datetime.now(UTC)
+    incident = Incident(
+        case_id=case_id,
+        message_id=message_id,
+        opened_at=now,
+        due_at=now + INCIDENT_DUE,
+        opened_by=actor,
+        reason=reason,
+    )
+    session.add(incident)
+    session.flush()
+    audit(
+        session,
+        "incident_opened",
+        "message",
+        message_id,
+        actor=actor,
+        detail=f"incident={incident.incident_id} due={incident.due_at.date().isoformat()}",
+    )
+    return incident
+
+
+def plan_approved_resends(
+    session: Session, run_id: str, pool: Sequence[PoolIp], *, actor: str = "plan"
+) -> int:
+    """Plan one new attempt per approved, verified case, honouring suppression."""
+    approved = session.scalars(
+        select(ResendCase)
+        .where(ResendCase.state == CaseState.VERIFIED, ResendCase.approved_by.is_not(None))
+        .order_by(ResendCase.case_id)
+    ).all()
+    planned = 0
+    for case in approved:
+        assert case.verified_address is not None
+        if session.get(Suppression, case.verified_address.lower()) is not None:
+            # Suppressed since approval (a complaint, another bounce): never sent; print.
+            route_to_print(session, case.case_id, actor=actor, reason="address suppressed")
+            continue
+        message = plan_attempt(
+            session, case.statement_id, case.verified_address, run_id, pool, case.case_id
+        )
+        attempt = message.attempt
+        transition_case(
+            session, case, CaseState.RESEND_PLANNED, actor=actor, reason=f"attempt {attempt}"
+        )
+        audit(
+            session,
+            "resend_planned",
+            "case",
+            case.case_id,
+            actor=actor,
+            detail=f"message={message.message_id} attempt={attempt}",
+        )
+        planned += 1
+    return planned
+
+
+def plan_attempt(
+    session: Session,
+    statement_id: str,
+    recipient: str,
+    run_id: str,
+    pool: Sequence[PoolIp],
+    case_id: str | None,
+) -> Message:
+    """A new message row: the statement's next attempt, planned in `run_id`."""
+    latest = session.scalar(
+        select(func.max(Message.attempt)).where(Message.statement_id == statement_id)
+    )
+    attempt = (latest or 0) + 1
+    # A new attempt may go out over another IP of the pool than the one that failed.
+    ip = assign_ip(f"{statement_id}:{attempt}", pool)
+    now = datetime.now(UTC)
+    message = Message(
+        message_id=message_token(statement_id, attempt),
+        statement_id=statement_id,
+        run_id=run_id,
+        attempt=attempt,
+        case_id=case_id,
+        recipient=recipient,
+        source_ip=ip.address,
+        ehlo_name=ip.ehlo_name,
+        state=MessageState.PLANNED,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(message)
+    return message
+
+
+def on_attempt_accepted(session: Session, message: Message, *, actor: str = "send") -> None:
+    """A resend's acceptance moves its case to resent."""
+    if message.case_id is None:
+        return
+    case = get_case(session, message.case_id)
+    if case.state == CaseState.RESEND_PLANNED:
+        transition_case(
+            session,
+            case,
+            CaseState.RESENT,
+            actor=actor,
+            reason=f"message {message.message_id} accepted",
+        )
+
+
+def reopen_after_bounce(
+    session: Session, case: ResendCase, *, actor: str, policy: CasePolicy
+) -> None:
+    """A resend bounced again: verify again, or print after repeated failure."""
+    case.failures += 1
+    if case.failures > policy.max_failures:
+        transition_case(
+            session,
+            case,
+            CaseState.PRINT_FALLBACK,
+            actor=actor,
+            reason=f"{case.failures} failed attempts",
+        )
+        audit(session, "case_routed_to_print", "case", case.case_id, actor=actor)
+        return
+    transition_case(
+        session, case, CaseState.NEEDS_VERIFICATION, actor=actor, reason="resend bounced"
+    )
+    case.approved_by = case.approved_at = None
+    audit(session, "case_reopened", "case", case.case_id, actor=actor)
+
+
+def _bounced_recipient(session: Session, case: ResendCase) -> str:
+    return session.get_one(Message, case.message_id).recipient

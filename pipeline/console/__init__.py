@@ -1,0 +1,1 @@
+"""The operations console: server-rendered FastAPI pages over the ledger (see app.py)."""
