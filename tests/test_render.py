@@ -22,7 +22,7 @@ from pipeline.render import format_money, load_wording, render_statement_pdf
 from pipeline.statements import Member, Statement, StatementLine
 
 PLAN = "Example Health Plan"
-HEADER_ROW = "Service date Provider Service Billed Plan paid You may owe"
+HEADER_ROW = "Service date Provider Service Billed Allowed Plan paid You may owe"
 
 MEMBER = Member(
     member_id="M000123",
@@ -87,20 +87,24 @@ def test_one_page_statement_shows_amounts_totals_and_fixed_text(tmp_path: Path) 
 
     count, pages = render_pages(tmp_path, stmt)
 
-    assert count == 1
+    # The notices (nondiscrimination, language taglines) take the second page.
+    assert count == 2
     text = pages[0]
-    assert "$1,234.50 $1,000.00 $234.50" in text
-    assert "$200.00 $150.25 $49.75" in text
-    assert "$15.25 $0.00 $15.25" in text
-    assert "Totals $1,449.75 $1,150.25 $299.50" in text
+    assert "$1,234.50 $1,234.50 $1,000.00 $234.50" in text
+    assert "$200.00 $200.00 $150.25 $49.75" in text
+    assert "$15.25 $15.25 $0.00 $15.25" in text
+    assert "Totals $1,449.75 $1,449.75 $1,150.25 $299.50" in text
     assert "You may owe your provider $299.50" in text
     assert "THIS IS NOT A BILL" in text
     assert "s0a1b2c3d4e5f60718293a4b5" in text
     assert "Service dates: 01/03/2025 to 01/05/2025" in text
-    assert "Page 1 of 1" in text
+    assert "Page 1 of 2" in text and "Page 2 of 2" in pages[1]
     assert HEADER_ROW in text
     assert PLAN in text
-    assert "Your right to appeal" in text and "Questions?" in text
+    everything = " ".join(pages)
+    assert "Your right to appeal" in everything and "Questions?" in everything
+    assert "Nondiscrimination notice" in everything
+    assert "ATENCIÓN: si habla español" in everything
 
 
 def test_member_address_block_and_accented_text_survive_extraction(tmp_path: Path) -> None:
@@ -159,15 +163,18 @@ def test_long_statement_spans_pages_with_numbered_footer_and_repeated_header(
     assert count >= 4
     for number, text in enumerate(pages, start=1):
         assert f"Page {number} of {count}" in text
-        assert HEADER_ROW in text
         assert "s0a1b2c3d4e5f60718293a4b5" in text
     assert all("(continued)" in text for text in pages[1:])
     everything = " ".join(pages)
     for item in lines:
-        assert everything.count(f"$1.00 $10.00 {format_money(item.member_responsibility)} ") == 1
+        owe = format_money(item.member_responsibility)
+        allowed = format_money(item.allowed_amount)
+        assert everything.count(f"$1.00 {allowed} $10.00 {owe} ") == 1
     total = format_money(stmt.total_member_responsibility)
-    assert f"Totals $200.00 $2,000.00 {total}" in pages[-1]
-    assert all("Totals" not in text for text in pages[:-1])
+    allowed_total = format_money(stmt.total_allowed)
+    assert f"Totals $200.00 {allowed_total} $2,000.00 {total}" in everything
+    totals_page = next(n for n, text in enumerate(pages) if "Totals" in text)
+    assert all(HEADER_ROW in text for text in pages[: totals_page + 1])
 
 
 def test_long_provider_name_wraps_inside_its_column(tmp_path: Path) -> None:
@@ -223,7 +230,7 @@ def test_wording_comes_from_the_wording_object(tmp_path: Path) -> None:
 
     assert "ESTO NO ES UNA FACTURA" in pages[0]
     assert "THIS IS NOT A BILL" not in pages[0]
-    assert "Página 1 de 1" in pages[0]
+    assert "Página 1 de 2" in pages[0]
     assert "03/01/2025" in pages[0]
 
 
