@@ -51,6 +51,12 @@ class Settings:
     return_path_domain: str = "bounces.eob.example.com"
     # Plan name shown on the document and in the email.
     plan_name: str = "Example Health Plan"
+    # Processes that render PDFs over member shards; 0 means one per CPU.
+    render_workers: int = 0
+
+    @property
+    def render_processes(self) -> int:
+        return self.render_workers or os.cpu_count() or 1
 
     @property
     def ledger_url(self) -> str:
@@ -119,6 +125,8 @@ def _build(values: dict[str, Any]) -> Settings:
         settings = replace(settings, **{name: converted})
     if settings.smtp_port <= 0 or settings.smtp_port > 65535:
         raise ConfigError("setting smtp_port: must be 1..65535")
+    if settings.render_workers < 0:
+        raise ConfigError("setting render_workers: must be >= 0")
     return settings
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import bounces, datasets, reconcile
+from pipeline.atrest import Keyring, load_keyring, read_decrypted
 from pipeline.compose import compose_eob_email
 from pipeline.config import Settings
 from pipeline.errors import AccountingError, FileRejected
@@ -40,7 +41,7 @@ from pipeline.ledger.models import (
 )
 from pipeline.ledger.states import MessageState, transition_message
 from pipeline.plan import assign_ip, message_token, verp_return_path
-from pipeline.render import render_statement_pdf
+from pipeline.render import render_all
 from pipeline.send import Outcome, Outgoing, SendResult, SmtpTarget, send_all, tls_context
 from pipeline.statements import Statement as StatementDoc
 from pipeline.statements import build_statements
@@ -290,24 +291,32 @@ def _statements(ctx: RunContext) -> dict[str, int]:
 
 
 def _render(ctx: RunContext) -> dict[str, int]:
+    """PDFs encrypted at rest, rendered by processes over shards; each finished shard is
+    recorded at once, so a rerun after a crash renders only what is missing."""
     pdf_dir = ctx.run_dir / "pdf"
     pdf_dir.mkdir(parents=True, exist_ok=True)
-    rendered = 0
     with ctx.sessions() as session:
         pending = [
             doc
             for _, doc in _run_statements(ctx, session)
             if session.get_one(Statement, doc.statement_id).pdf_path is None
         ]
-    for doc in ctx.track(pending, "render", len(pending)):
-        assert isinstance(doc, StatementDoc)
-        path = pdf_dir / f"{doc.statement_id}.pdf"
-        render_statement_pdf(doc, plan_name=ctx.settings.plan_name, out_path=path)
+    shards = render_all(
+        pending,
+        plan_name=ctx.settings.plan_name,
+        out_dir=pdf_dir,
+        keyring=load_keyring(ctx.settings.data_dir),
+        workers=ctx.settings.render_processes,
+    )
+    progress = iter(ctx.track(pending, "render", len(pending)))
+    rendered = 0
+    for shard in shards:
         with ctx.sessions.begin() as session:
-            session.get_one(Statement, doc.statement_id).pdf_path = str(
-                path.relative_to(ctx.run_dir)
-            )
-        rendered += 1
+            for done in shard:
+                record = session.get_one(Statement, done.statement_id)
+                record.pdf_path = str(done.path.relative_to(ctx.run_dir))
+                next(progress, None)
+        rendered += len(shard)
     return {"rendered": rendered}
 
 
@@ -366,7 +375,8 @@ def _send(ctx: RunContext) -> dict[str, int]:
             )
             .order_by(Message.message_id)
         ).all()
-        outgoing = [_outgoing(ctx, session, message) for message in pending]
+        keyring = load_keyring(settings.data_dir)
+        outgoing = [_outgoing(ctx, session, message, keyring) for message in pending]
     counts = {outcome.value: 0 for outcome in Outcome}
     progress = iter(ctx.track(outgoing, "send", len(outgoing)))
 
@@ -419,7 +429,7 @@ def _recover_interrupted(session: Session, run_id: str) -> None:
         )
 
 
-def _outgoing(ctx: RunContext, session: Session, message: Message) -> Outgoing:
+def _outgoing(ctx: RunContext, session: Session, message: Message, keyring: Keyring) -> Outgoing:
     statement = session.get_one(Statement, message.statement_id)
     assert statement.pdf_path is not None
     content = compose_eob_email(
@@ -428,7 +438,12 @@ def _outgoing(ctx: RunContext, session: Session, message: Message) -> Outgoing:
         recipient=message.recipient,
         from_address=ctx.settings.from_address,
         plan_name=ctx.settings.plan_name,
-        pdf=(ctx.settings.runs_dir / statement.run_id / statement.pdf_path).read_bytes(),
+        # Decrypted in memory only: the plaintext PDF is never written anywhere.
+        pdf=read_decrypted(
+            ctx.settings.runs_dir / statement.run_id / statement.pdf_path,
+            keyring,
+            statement.statement_id,
+        ),
     )
     return Outgoing(
         message_id=message.message_id,
