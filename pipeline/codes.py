@@ -18,7 +18,7 @@ from pipeline.render_templates import TEMPLATES_DIR, check_language
 # "CO-45", "PR 1", "CO45", "45": group code (optional) and CARC number (alphanumeric: "A1", "P6").
 _CARC = re.compile(r"(?:(?P<group>CO|PR|OA|PI|CR)[-\s]?)?(?P<reason>[A-Z]?\d{1,3})")
 # RARC: M, N or MA followed by a number ("N130", "MA130", "M15").
-_RARC = re.compile(r"(?:MA|M|N)\d{1,3}")
+_RARC = re.compile(r"(?:MA|M|N)\d{1,4}")
 
 
 @dataclass(frozen=True)
