@@ -474,7 +474,6 @@ def _story(statement: Statement, plan_name: str, wording: Wording) -> list[Any]:
         colWidths=(CONTENT_WIDTH * 0.64, CONTENT_WIDTH * 0.36),
         style=_SUMMARY_STYLE,
     )
-    branding = BRANDING
     story: list[Any] = [
         summary,
         Paragraph(wording.claims_heading, _HEADING),
@@ -512,48 +511,44 @@ def _story(statement: Statement, plan_name: str, wording: Wording) -> list[Any]:
                 ],
             )
         )
-    phone = escape(branding.member_services_phone)
-    story += [
-        _section(
-            wording.appeal_heading,
-            [
-                Paragraph(wording.appeal_rights, _BODY),
-                Paragraph(
-                    wording.appeal_address.format(appeals_address=escape(branding.appeals_address)),
-                    _BODY,
-                ),
-            ],
-        ),
-        _section(
-            wording.contact_heading,
-            [
-                Paragraph(
-                    wording.contact.format(
-                        plan_name=escape(plan_name), phone=phone, website=escape(branding.website)
-                    ),
-                    _BODY,
-                )
-            ],
-        ),
-        _section(
-            wording.nondiscrimination_heading,
-            [
-                Paragraph(
-                    wording.nondiscrimination.format(plan_name=escape(plan_name), phone=phone),
-                    _SMALL,
-                )
-            ],
-        ),
-        _section(
-            wording.taglines_heading,
-            [
-                Paragraph(tagline, _SMALL)
-                for tagline in wording.taglines.format(phone=phone).splitlines()
-                if tagline.strip()
-            ],
-        ),
-    ]
+    story += [KeepTogether(list(section)) for section in _fixed_sections(wording, plan_name)]
     return story
+
+
+class _FixedParagraph(Paragraph):  # type: ignore[misc]  # reportlab ships no type hints
+    """Text that is the same on every member's document: line breaking (the costliest part of
+    laying out a paragraph) is done once per width and process, not once per document."""
+
+    _wrapped: tuple[float, tuple[float, float]] | None = None
+
+    def wrap(self, available_width: float, available_height: float) -> tuple[float, float]:
+        if self._wrapped is None or self._wrapped[0] != available_width:
+            self._wrapped = (available_width, super().wrap(available_width, available_height))
+        return self._wrapped[1]
+
+
+@functools.cache
+def _fixed_sections(wording: Wording, plan_name: str) -> tuple[tuple[Paragraph, ...], ...]:
+    """Appeal rights, contact, nondiscrimination notice and taglines: heading and paragraphs,
+    built once per language and plan and shared by every document the process renders."""
+    branding = BRANDING
+    phone = escape(branding.member_services_phone)
+    plan = escape(plan_name)
+    appeals_address = escape(branding.appeals_address)
+    sections = [
+        (wording.appeal_heading, _BODY, [wording.appeal_rights,
+         wording.appeal_address.format(appeals_address=appeals_address)]),
+        (wording.contact_heading, _BODY, [wording.contact.format(
+            plan_name=plan, phone=phone, website=escape(branding.website))]),
+        (wording.nondiscrimination_heading, _SMALL,
+         [wording.nondiscrimination.format(plan_name=plan, phone=phone)]),
+        (wording.taglines_heading, _SMALL,
+         [t for t in wording.taglines.format(phone=phone).splitlines() if t.strip()]),
+    ]  # fmt: skip
+    return tuple(
+        (_FixedParagraph(heading, _HEADING), *(_FixedParagraph(text, style) for text in texts))
+        for heading, style, texts in sections
+    )
 
 
 def _section(heading: str, body: list[Any]) -> KeepTogether:
@@ -561,17 +556,21 @@ def _section(heading: str, body: list[Any]) -> KeepTogether:
     return KeepTogether([Paragraph(heading, _HEADING), *body])
 
 
+@functools.cache
+def _claims_header(wording: Wording) -> tuple[Paragraph, ...]:
+    return (
+        _FixedParagraph(wording.column_service_date, _HEADER_CELL),
+        _FixedParagraph(wording.column_provider, _HEADER_CELL),
+        _FixedParagraph(wording.column_service, _HEADER_CELL),
+        _FixedParagraph(wording.column_billed, _HEADER_CELL_RIGHT),
+        _FixedParagraph(wording.column_allowed, _HEADER_CELL_RIGHT),
+        _FixedParagraph(wording.column_plan_paid, _HEADER_CELL_RIGHT),
+        _FixedParagraph(wording.column_you_may_owe, _HEADER_CELL_RIGHT),
+    )
+
+
 def _claims_table(statement: Statement, wording: Wording) -> Table:
-    header = [
-        Paragraph(wording.column_service_date, _HEADER_CELL),
-        Paragraph(wording.column_provider, _HEADER_CELL),
-        Paragraph(wording.column_service, _HEADER_CELL),
-        Paragraph(wording.column_billed, _HEADER_CELL_RIGHT),
-        Paragraph(wording.column_allowed, _HEADER_CELL_RIGHT),
-        Paragraph(wording.column_plan_paid, _HEADER_CELL_RIGHT),
-        Paragraph(wording.column_you_may_owe, _HEADER_CELL_RIGHT),
-    ]
-    rows: list[list[Any]] = [header]
+    rows: list[list[Any]] = [list(_claims_header(wording))]
     rows.extend(_claim_row(line, wording) for line in statement.lines)
     rows.append([
         Paragraph(wording.totals_label, _TOTALS_CELL), "", "",
