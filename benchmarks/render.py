@@ -37,7 +37,7 @@ from pipeline.statements import Accumulator, LineStatus, Member, Statement, Stat
 PROVIDERS = ["Valley Medical Group", "Sunrise Physical Therapy", "Valley Imaging Center",
              "Northside Family Practice and Urgent Care", "Clínica Núñez & Hijos"]  # fmt: skip
 SERVICES = [("99213", "Office visit, established patient"), ("80053", "Metabolic panel"),
-            ("73721", "MRI of knee"), ("97110", None), ("85025", "Complete blood count")]  # fmt: skip
+            ("73721", "MRI of knee"), ("97110", None), ("85025", "Blood count")]  # fmt: skip
 CODES = [(), ("CO-45",), ("CO-45", "PR-1"), ("PR-2",), ("CO-97", "M15"), ("CO-197", "N130")]
 
 
