@@ -15,7 +15,7 @@ import functools
 import io
 import string
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import date
@@ -45,6 +45,7 @@ from reportlab.platypus import (
 from pipeline.atrest import Keyring, write_atomically, write_encrypted
 from pipeline.codes import load_code_book
 from pipeline.errors import ConfigError
+from pipeline.protect import protect_pdf
 from pipeline.render_templates import TEMPLATES_DIR, check_language, document_language
 from pipeline.statements import LineStatus, Statement, StatementLine
 
@@ -396,13 +397,17 @@ def render_statement_pdf(
     out_path: Path,
     wording: Wording | None = None,
     keyring: Keyring | None = None,
+    password: str | None = None,
 ) -> int:
     """Write the statement's EOB to out_path (replaced atomically) and return its page count.
 
     With a keyring the file is encrypted at rest (the statement id is its context); without
     one it is a plain PDF, for documents that are not member data (the reference pages).
+    With a password the PDF itself is AES-256 protected (for email).
     """
     data, pages = render_statement(statement, plan_name=plan_name, wording=wording)
+    if password is not None:
+        data = protect_pdf(data, password)
     if keyring is None:
         write_atomically(out_path, data)
     else:
@@ -418,13 +423,25 @@ class Rendered:
 
 
 def render_shard(
-    statements: Sequence[Statement], *, plan_name: str, out_dir: Path, keyring: Keyring
+    statements: Sequence[Statement],
+    passwords: Mapping[str, str],
+    *,
+    plan_name: str,
+    out_dir: Path,
+    keyring: Keyring,
 ) -> list[Rendered]:
-    """Render and encrypt one shard of statements; the unit of work of a render process."""
+    """Render and encrypt one shard of statements; the unit of work of a render process.
+    `passwords` holds the PDF password of the shard's statements that get one."""
     done = []
     for statement in statements:
         path = out_dir / f"{statement.statement_id}.pdf"
-        pages = render_statement_pdf(statement, plan_name=plan_name, out_path=path, keyring=keyring)
+        pages = render_statement_pdf(
+            statement,
+            plan_name=plan_name,
+            out_path=path,
+            keyring=keyring,
+            password=passwords.get(statement.statement_id),
+        )
         done.append(Rendered(statement.statement_id, path, pages))
     return done
 
@@ -436,6 +453,7 @@ def render_all(
     out_dir: Path,
     keyring: Keyring,
     workers: int,
+    passwords: Mapping[str, str] | None = None,
     shard_size: int = 200,
 ) -> Iterator[list[Rendered]]:
     """Render statements in shards over `workers` processes, yielding each shard as it is done.
@@ -444,13 +462,19 @@ def render_all(
     can be recorded and a crash loses at most the shards in flight. One worker, or a single
     shard, renders in this process: no pool to start for a handful of statements.
     """
+    passwords = passwords or {}
     shards = [statements[i : i + shard_size] for i in range(0, len(statements), shard_size)]
+    # Each shard travels with only its own passwords.
+    shard_passwords = [
+        {s.statement_id: passwords[s.statement_id] for s in shard if s.statement_id in passwords}
+        for shard in shards
+    ]
     render = functools.partial(render_shard, plan_name=plan_name, out_dir=out_dir, keyring=keyring)
     if workers <= 1 or len(shards) <= 1:
-        yield from map(render, shards)
+        yield from map(render, shards, shard_passwords)
         return
     with ProcessPoolExecutor(max_workers=min(workers, len(shards))) as pool:
-        yield from pool.map(render, shards)
+        yield from pool.map(render, shards, shard_passwords)
 
 
 def _frame(top: float) -> Frame:

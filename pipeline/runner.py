@@ -41,7 +41,9 @@ from pipeline.ledger.models import (
 )
 from pipeline.ledger.states import MessageState, transition_message
 from pipeline.plan import assign_ip, message_token, verp_return_path
+from pipeline.protect import pdf_password
 from pipeline.render import render_all
+from pipeline.render_templates import DEFAULT_LANGUAGE, document_language
 from pipeline.send import Outcome, Outgoing, SendResult, SmtpTarget, send_all, tls_context
 from pipeline.statements import Statement as StatementDoc
 from pipeline.statements import build_statements
@@ -284,6 +286,11 @@ def _statements(ctx: RunContext) -> dict[str, int]:
                     email=email,
                     claim_lines=len(doc.lines),
                     member_owes=doc.total_member_responsibility,
+                    language=document_language(doc.member.language),
+                    # Kept only when the email may greet by name (PHI minimisation).
+                    first_name=doc.member.first_name
+                    if ctx.settings.email_body_phi == "first_name"
+                    else None,
                 )
             )
             counts[channel] += 1
@@ -295,18 +302,28 @@ def _render(ctx: RunContext) -> dict[str, int]:
     recorded at once, so a rerun after a crash renders only what is missing."""
     pdf_dir = ctx.run_dir / "pdf"
     pdf_dir.mkdir(parents=True, exist_ok=True)
+    rule = ctx.settings.pdf_password
+    passwords: dict[str, str] = {}
     with ctx.sessions() as session:
-        pending = [
-            doc
-            for _, doc in _run_statements(ctx, session)
-            if session.get_one(Statement, doc.statement_id).pdf_path is None
-        ]
+        pending = []
+        for _, doc in _run_statements(ctx, session):
+            record = session.get_one(Statement, doc.statement_id)
+            if record.pdf_path is not None:
+                continue
+            pending.append(doc)
+            # Only emailed PDFs are password protected; the print vendor gets them open.
+            password = (
+                pdf_password(doc.member, rule) if rule and record.channel == "email" else None
+            )
+            if password is not None:
+                passwords[doc.statement_id] = password
     shards = render_all(
         pending,
         plan_name=ctx.settings.plan_name,
         out_dir=pdf_dir,
         keyring=load_keyring(ctx.settings.data_dir),
         workers=ctx.settings.render_processes,
+        passwords=passwords,
     )
     progress = iter(ctx.track(pending, "render", len(pending)))
     rendered = 0
@@ -315,6 +332,7 @@ def _render(ctx: RunContext) -> dict[str, int]:
             for done in shard:
                 record = session.get_one(Statement, done.statement_id)
                 record.pdf_path = str(done.path.relative_to(ctx.run_dir))
+                record.pdf_protected = done.statement_id in passwords
                 next(progress, None)
         rendered += len(shard)
     return {"rendered": rendered}
@@ -438,6 +456,10 @@ def _outgoing(ctx: RunContext, session: Session, message: Message, keyring: Keyr
         recipient=message.recipient,
         from_address=ctx.settings.from_address,
         plan_name=ctx.settings.plan_name,
+        language=statement.language or DEFAULT_LANGUAGE,
+        first_name=statement.first_name if ctx.settings.email_body_phi == "first_name" else None,
+        # The PDF was protected at render time when the member had the data the rule needs.
+        password_rule=ctx.settings.pdf_password if statement.pdf_protected else "",
         # Decrypted in memory only: the plaintext PDF is never written anywhere.
         pdf=read_decrypted(
             ctx.settings.runs_dir / statement.run_id / statement.pdf_path,

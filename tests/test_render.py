@@ -5,7 +5,9 @@ Statements are built here with synthetic members; text is read back with pypdf.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import re
 import subprocess
 from datetime import date, timedelta
@@ -20,9 +22,16 @@ from pypdf import PdfReader
 from reportlab.pdfbase.pdfmetrics import stringWidth
 
 from pipeline import render
+from pipeline.atrest import parse_keys, read_decrypted
 from pipeline.codes import load_code_book
 from pipeline.errors import ConfigError
-from pipeline.render import format_money, load_wording, render_statement_pdf, wording_for
+from pipeline.render import (
+    format_money,
+    load_wording,
+    render_all,
+    render_statement_pdf,
+    wording_for,
+)
 from pipeline.statements import Accumulator, LineStatus, Member, Statement, StatementLine
 
 PLAN = "Example Health Plan"
@@ -449,3 +458,23 @@ def test_bundled_spanish_mapping_covers_every_english_code() -> None:
     assert {f.name for f in dataclasses.fields(load_wording("es"))} == {
         f.name for f in dataclasses.fields(load_wording("en"))
     }
+
+
+def test_render_all_over_processes_writes_every_statement_encrypted(tmp_path: Path) -> None:
+    keyring = parse_keys(f"k1:{base64.b64encode(bytes(32)).decode()}", source="test")
+    statements = [
+        dataclasses.replace(statement([line(n)]), statement_id=f"s{n:024d}") for n in range(5)
+    ]
+
+    shards = list(
+        render_all(statements, plan_name=PLAN, out_dir=tmp_path, keyring=keyring, workers=2,
+                   passwords={"s" + "0" * 23 + "3": "secret"}, shard_size=2)
+    )  # fmt: skip
+
+    assert [len(shard) for shard in shards] == [2, 2, 1]
+    for done in (item for shard in shards for item in shard):
+        reader = PdfReader(io.BytesIO(read_decrypted(done.path, keyring, done.statement_id)))
+        assert reader.is_encrypted == done.statement_id.endswith("3")
+        if reader.is_encrypted:
+            assert reader.decrypt("secret")
+        assert len(reader.pages) == done.pages
