@@ -23,7 +23,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import bounces, datasets, reconcile
-from pipeline.atrest import Keyring, load_keyring, read_decrypted
+from pipeline.atrest import Keyring, load_keyring, read_decrypted, write_encrypted
 from pipeline.compose import compose_eob_email
 from pipeline.config import Settings
 from pipeline.errors import AccountingError, FileRejected
@@ -41,6 +41,7 @@ from pipeline.ledger.models import (
 )
 from pipeline.ledger.states import MessageState, transition_message
 from pipeline.plan import assign_ip, message_token, verp_return_path
+from pipeline.printbatch import PrintPiece, build_print_batch
 from pipeline.protect import pdf_password
 from pipeline.render import render_all
 from pipeline.render_templates import DEFAULT_LANGUAGE, document_language
@@ -304,10 +305,15 @@ def _render(ctx: RunContext) -> dict[str, int]:
     pdf_dir.mkdir(parents=True, exist_ok=True)
     rule = ctx.settings.pdf_password
     passwords: dict[str, str] = {}
+    # Print-channel statements of the run, in member order: statement id -> ZIP code.
+    to_print: dict[str, str] = {}
+    keyring = load_keyring(ctx.settings.data_dir)
     with ctx.sessions() as session:
         pending = []
         for _, doc in _run_statements(ctx, session):
             record = session.get_one(Statement, doc.statement_id)
+            if record.channel == "print":
+                to_print[doc.statement_id] = doc.member.postal_code
             if record.pdf_path is not None:
                 continue
             pending.append(doc)
@@ -321,7 +327,7 @@ def _render(ctx: RunContext) -> dict[str, int]:
         pending,
         plan_name=ctx.settings.plan_name,
         out_dir=pdf_dir,
-        keyring=load_keyring(ctx.settings.data_dir),
+        keyring=keyring,
         workers=ctx.settings.render_processes,
         passwords=passwords,
     )
@@ -335,7 +341,28 @@ def _render(ctx: RunContext) -> dict[str, int]:
                 record.pdf_protected = done.statement_id in passwords
                 next(progress, None)
         rendered += len(shard)
-    return {"rendered": rendered}
+    batch_dir = ctx.run_dir / "print"
+    if to_print and (rendered or not batch_dir.exists()):
+        return {"rendered": rendered, "print_pieces": _print_batch(ctx, to_print, keyring)}
+    return {"rendered": rendered, "print_pieces": 0}
+
+
+def _print_batch(ctx: RunContext, to_print: dict[str, str], keyring: Keyring) -> int:
+    """The run's print batch and vendor manifest, rebuilt whole (it is small next to the PDFs)
+    and written encrypted like every PHI file; the vendor transfer decrypts them."""
+    batch_dir = ctx.run_dir / "print"
+    batch_dir.mkdir(exist_ok=True)
+    pieces = (
+        PrintPiece(statement_id, postal_code, read_decrypted(path, keyring, statement_id))
+        for statement_id, postal_code in to_print.items()
+        if (path := ctx.run_dir / "pdf" / f"{statement_id}.pdf").exists()
+    )
+    batch = build_print_batch(pieces)
+    write_encrypted(batch_dir / "batch.pdf", batch.pdf, keyring, f"{ctx.run_id}:print-batch")
+    write_encrypted(
+        batch_dir / "manifest.csv", batch.manifest, keyring, f"{ctx.run_id}:print-manifest"
+    )
+    return batch.pieces
 
 
 def _plan(ctx: RunContext) -> dict[str, int]:

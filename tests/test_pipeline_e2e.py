@@ -13,7 +13,7 @@ import pytest
 from pypdf import PdfReader
 from sqlalchemy import select
 
-from pipeline.atrest import MAGIC
+from pipeline.atrest import MAGIC, load_keyring, read_decrypted
 from pipeline.config import Settings
 from pipeline.ledger import open_ledger
 from pipeline.ledger.models import Message, ResendCase, Statement, Suppression
@@ -94,6 +94,15 @@ def test_sample_drop_end_to_end(sink: Settings, tmp_path: Path, caplog: pytest.L
     assert len(attachments) == len(delivered)
     for pdf in attachments:
         assert "Explanation of Benefits" in PdfReader(io.BytesIO(pdf)).pages[0].extract_text()
+
+    # The member without email is in the run's print batch, which rests encrypted too.
+    keyring = load_keyring(sink.data_dir)
+    manifest = read_decrypted(sink.runs_dir / run_id / "print" / "manifest.csv", keyring,
+                              f"{run_id}:print-manifest").decode()  # fmt: skip
+    batch = read_decrypted(sink.runs_dir / run_id / "print" / "batch.pdf", keyring,
+                           f"{run_id}:print-batch")  # fmt: skip
+    assert len(manifest.splitlines()) == 2
+    assert "Explanation of Benefits" in PdfReader(io.BytesIO(batch)).pages[0].extract_text()
 
     # PHI never reaches a log line.
     logged = "\n".join(r.getMessage() for r in caplog.records)
