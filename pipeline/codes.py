@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import functools
 import re
-import tomllib
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
-from pipeline.render_templates import TEMPLATES_DIR, check_language
+from pipeline.render_templates import TEMPLATES_DIR, check_language, read_toml
 
 # "CO-45", "PR 1", "CO45", "45": group code (optional) and CARC number (alphanumeric: "A1", "P6").
 _CARC = re.compile(r"(?:(?P<group>CO|PR|OA|PI|CR)[-\s]?)?(?P<reason>[A-Z]?\d{1,3})")
@@ -46,8 +45,8 @@ class CodeBook:
 def load_code_book(language: str = "en") -> CodeBook:
     check_language(language)
     path = TEMPLATES_DIR / f"adjustment_codes.{language}.toml"
+    raw = read_toml(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
         return CodeBook(
             groups={str(k): str(v) for k, v in raw["group"].items()},
             carc={str(k): str(v) for k, v in raw["carc"].items()},
@@ -55,8 +54,6 @@ def load_code_book(language: str = "en") -> CodeBook:
             generic_carc=str(raw["generic_carc"]),
             generic_rarc=str(raw["generic_rarc"]),
         )
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"reading {path}: {err}") from err
     except (KeyError, AttributeError) as err:
         raise ConfigError(f"{path}: missing or malformed table {err}") from err
 

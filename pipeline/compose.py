@@ -4,7 +4,6 @@ member's first name in the greeting)."""
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -13,7 +12,7 @@ from functools import cache
 from html import escape
 
 from pipeline.errors import ConfigError
-from pipeline.render_templates import DEFAULT_LANGUAGE, TEMPLATES_DIR, check_language
+from pipeline.render_templates import DEFAULT_LANGUAGE, TEMPLATES_DIR, check_language, read_toml
 
 # What the email body may say about the member.
 BODY_PHI_LEVELS = ("none", "first_name")
@@ -37,10 +36,7 @@ def load_email_wording(language: str = DEFAULT_LANGUAGE) -> EmailWording:
     if not path.exists():
         path = TEMPLATES_DIR / f"email.{DEFAULT_LANGUAGE}.toml"
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        wording = EmailWording(**raw)
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"reading {path}: {err}") from err
+        wording = EmailWording(**read_toml(path))
     except TypeError as err:
         raise ConfigError(
             f"{path}: expected keys {[f.name for f in fields(EmailWording)]}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import io
 import string
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
@@ -46,7 +45,12 @@ from pipeline.atrest import Keyring, write_atomically, write_encrypted
 from pipeline.codes import load_code_book
 from pipeline.errors import ConfigError
 from pipeline.protect import protect_pdf
-from pipeline.render_templates import TEMPLATES_DIR, check_language, document_language
+from pipeline.render_templates import (
+    TEMPLATES_DIR,
+    check_language,
+    document_language,
+    read_toml,
+)
 from pipeline.statements import LineStatus, Statement, StatementLine
 
 
@@ -136,10 +140,7 @@ def load_wording(language: str = "en") -> Wording:
     """The wording of templates/eob_document.<language>.toml, read and checked once per process."""
     check_language(language)
     path = TEMPLATES_DIR / f"eob_document.{language}.toml"
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"reading {path}: {err}") from err
+    data = read_toml(path)
     missing = sorted(_WORDING_KEYS - data.keys())
     unknown = sorted(data.keys() - _WORDING_KEYS)
     if missing or unknown:
@@ -175,13 +176,11 @@ class Branding:
 @functools.cache
 def load_branding() -> Branding:
     path = TEMPLATES_DIR / "branding.toml"
+    raw = read_toml(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
         branding = Branding(**{**raw, "logo": TEMPLATES_DIR / raw["logo"]})
         colors.HexColor(branding.primary_color)
         colors.HexColor(branding.pale_color)
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"reading {path}: {err}") from err
     except (TypeError, KeyError, ValueError) as err:
         raise ConfigError(f"{path}: expected keys {[f.name for f in fields(Branding)]}") from err
     if not branding.logo.is_file():

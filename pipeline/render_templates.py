@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError
 
@@ -11,6 +13,14 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_LANGUAGE = "en"
 # A language is a file-name part: refuse anything that could walk out of the templates dir.
 _LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A template file's content; a missing or malformed file is a ConfigError naming it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"reading {path}: {err}") from err
 
 
 def check_language(language: str) -> None:
