@@ -84,6 +84,23 @@ def run(settings: Settings, drop: Path) -> None:
 
 @main.command()
 @click.option(
+    "--new-dev-key",
+    is_flag=True,
+    help="First add a fresh key to the development keyring (when EOB_AT_REST_KEYS is unset).",
+)
+@click.pass_obj
+def rekey(settings: Settings, new_dev_key: bool) -> None:
+    """Re-encrypt every PDF and print file at rest under the active key (key rotation)."""
+    from pipeline.atrest import add_dev_key
+    from pipeline.runner import rekey as rekey_files
+
+    if new_dev_key:
+        add_dev_key(settings.data_dir)
+    _print_counts("rekey", rekey_files(settings))
+
+
+@main.command()
+@click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
     default=Path("var/demo"),

@@ -23,7 +23,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import bounces, datasets, reconcile
-from pipeline.atrest import Keyring, load_keyring, read_decrypted, write_encrypted
+from pipeline.atrest import Keyring, load_keyring, read_decrypted, reencrypt, write_encrypted
 from pipeline.compose import compose_eob_email
 from pipeline.config import Settings
 from pipeline.errors import AccountingError, FileRejected
@@ -358,11 +358,28 @@ def _print_batch(ctx: RunContext, to_print: dict[str, str], keyring: Keyring) ->
         if (path := ctx.run_dir / "pdf" / f"{statement_id}.pdf").exists()
     )
     batch = build_print_batch(pieces)
-    write_encrypted(batch_dir / "batch.pdf", batch.pdf, keyring, f"{ctx.run_id}:print-batch")
-    write_encrypted(
-        batch_dir / "manifest.csv", batch.manifest, keyring, f"{ctx.run_id}:print-manifest"
-    )
+    for name, data in (("batch.pdf", batch.pdf), ("manifest.csv", batch.manifest)):
+        write_encrypted(batch_dir / name, data, keyring, _print_context(ctx.run_id, name))
     return batch.pieces
+
+
+def _print_context(run_id: str, name: str) -> str:
+    # Binds a print file to its run: a batch copied into another run does not decrypt there.
+    return f"{run_id}:print/{name}"
+
+
+def rekey(settings: Settings) -> dict[str, int]:
+    """Re-encrypt every encrypted file of every run under the active key (key rotation); the
+    old key can be retired once this reports nothing left under it."""
+    keyring = load_keyring(settings.data_dir)
+    counts = {"reencrypted": 0, "already_current": 0}
+    for run_dir in sorted(p for p in settings.runs_dir.glob("*") if p.is_dir()):
+        files = [(p, p.stem) for p in sorted(run_dir.glob("pdf/*.pdf"))]
+        files += [(p, _print_context(run_dir.name, p.name)) for p in run_dir.glob("print/*")]
+        for path, context in files:
+            changed = reencrypt(path, keyring, context)
+            counts["reencrypted" if changed else "already_current"] += 1
+    return counts
 
 
 def _plan(ctx: RunContext) -> dict[str, int]:

@@ -111,3 +111,27 @@ def test_development_keyring_is_made_once_private_and_rotates(tmp_path: Path) ->
     rotated = load_keyring(tmp_path, {})
     assert rotated.active_id == new_id != first.active_id
     assert rotated.keys[first.active_id] == first.keys[first.active_id]
+
+
+def test_rekey_command_moves_every_run_file_to_a_new_dev_key(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    data_dir = tmp_path / "data"
+    old = load_keyring(data_dir, {})
+    run_dir = data_dir / "runs" / "r1"
+    (run_dir / "pdf").mkdir(parents=True)
+    (run_dir / "print").mkdir()
+    write_encrypted(run_dir / "pdf" / "s1.pdf", PDF, old, "s1")
+    write_encrypted(run_dir / "print" / "batch.pdf", PDF, old, "r1:print/batch.pdf")
+
+    result = CliRunner().invoke(main, ["rekey", "--new-dev-key"],
+                                env={"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: ""})  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert "reencrypted" in result.output and "2" in result.output
+    new = load_keyring(data_dir, {})
+    only_new = atrest.Keyring({new.active_id: new.keys[new.active_id]}, new.active_id)
+    assert read_decrypted(run_dir / "pdf" / "s1.pdf", only_new, "s1") == PDF
+    assert read_decrypted(run_dir / "print" / "batch.pdf", only_new, "r1:print/batch.pdf") == PDF

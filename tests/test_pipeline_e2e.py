@@ -98,9 +98,9 @@ def test_sample_drop_end_to_end(sink: Settings, tmp_path: Path, caplog: pytest.L
     # The member without email is in the run's print batch, which rests encrypted too.
     keyring = load_keyring(sink.data_dir)
     manifest = read_decrypted(sink.runs_dir / run_id / "print" / "manifest.csv", keyring,
-                              f"{run_id}:print-manifest").decode()  # fmt: skip
+                              f"{run_id}:print/manifest.csv").decode()  # fmt: skip
     batch = read_decrypted(sink.runs_dir / run_id / "print" / "batch.pdf", keyring,
-                           f"{run_id}:print-batch")  # fmt: skip
+                           f"{run_id}:print/batch.pdf")  # fmt: skip
     assert len(manifest.splitlines()) == 2
     assert "Explanation of Benefits" in PdfReader(io.BytesIO(batch)).pages[0].extract_text()
 
