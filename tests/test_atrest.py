@@ -126,8 +126,8 @@ def test_rekey_command_moves_every_run_file_to_a_new_dev_key(tmp_path: Path) -> 
     write_encrypted(run_dir / "pdf" / "s1.pdf", PDF, old, "s1")
     write_encrypted(run_dir / "print" / "batch.pdf", PDF, old, "r1:print/batch.pdf")
 
-    result = CliRunner().invoke(main, ["rekey", "--new-dev-key"],
-                                env={"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: ""})  # fmt: skip
+    environment = {"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: ""}
+    result = CliRunner().invoke(main, ["rekey", "--new-dev-key"], env=environment)
 
     assert result.exit_code == 0, result.output
     assert "reencrypted" in result.output and "2" in result.output
