@@ -179,10 +179,13 @@ def load_branding() -> Branding:
     raw = read_toml(path)
     try:
         branding = Branding(**{**raw, "logo": TEMPLATES_DIR / raw["logo"]})
-        colors.HexColor(branding.primary_color)
-        colors.HexColor(branding.pale_color)
-    except (TypeError, KeyError, ValueError) as err:
+    except (TypeError, KeyError) as err:
         raise ConfigError(f"{path}: expected keys {[f.name for f in fields(Branding)]}") from err
+    for key in ("primary_color", "pale_color"):
+        try:
+            colors.HexColor(getattr(branding, key))
+        except ValueError as err:
+            raise ConfigError(f"{path}: key {key}: not a #RRGGBB colour") from err
     if not branding.logo.is_file():
         raise ConfigError(f"{path}: key logo: no file {branding.logo.name} in {TEMPLATES_DIR}")
     return branding

@@ -478,3 +478,26 @@ def test_render_all_over_processes_writes_every_statement_encrypted(tmp_path: Pa
         if reader.is_encrypted:
             assert reader.decrypt("secret")
         assert len(reader.pages) == done.pages
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda text: text.replace('logo = "logo.png"', 'logo = "missing.png"'), "key logo"),
+        (lambda text: text.replace('"#1F3A5F"', '"navy-ish"'), "key primary_color: not a"),
+        (lambda text: text + 'motto = "x"\n', "expected keys"),
+    ],
+)
+def test_load_branding_refuses_a_broken_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any, message: str
+) -> None:
+    original = render.TEMPLATES_DIR / "branding.toml"
+    (tmp_path / "branding.toml").write_text(change(original.read_text(encoding="utf-8")))
+    (tmp_path / "logo.png").write_bytes((render.TEMPLATES_DIR / "logo.png").read_bytes())
+    monkeypatch.setattr(render, "TEMPLATES_DIR", tmp_path)
+    render.load_branding.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=message):
+            render.load_branding()
+    finally:
+        render.load_branding.cache_clear()
