@@ -613,21 +613,19 @@ def _claim_row(line: StatementLine, wording: Wording) -> list[Any]:
     # Plain strings for short fixed-width cells (cheaper); Paragraphs where text must wrap.
     # Member data is escaped: a provider named "A & B <Clinic>" is text, not markup.
     description = (line.service_description or "").strip()
-    service: list[Any] = [
-        Paragraph(
+    service = [
+        _repeated_cell(
             wording.service_line.format(
                 code=escape(line.procedure_code),
                 description=escape(description) if description else wording.generic_service,
             ),
             _CELL,
-        )
+        ),
+        *_line_notes(line, wording),
     ]
-    notes = _line_notes(line, wording)
-    if notes:
-        service.append(Paragraph("<br/>".join(notes), _CELL_NOTE))
     return [
         _date(line.service_date, wording),
-        Paragraph(escape(line.provider_name), _CELL),
+        _repeated_cell(escape(line.provider_name), _CELL),
         service,
         format_money(line.billed_amount),
         format_money(line.allowed_amount),
@@ -644,12 +642,19 @@ _STATUS_FIELD = {
 }
 
 
-def _line_notes(line: StatementLine, wording: Wording) -> list[str]:
+@functools.lru_cache(maxsize=8192)
+def _repeated_cell(markup: str, style: ParagraphStyle) -> Paragraph:
+    """Cell text that recurs across statements (providers, services, status and code notes) is
+    broken into lines once per process, like the fixed text; the cache is bounded."""
+    return _FixedParagraph(markup, style)
+
+
+def _line_notes(line: StatementLine, wording: Wording) -> list[Paragraph]:
     """Under the service: its status when not simply paid, what the member's share is made of,
     and its adjustment codes (explained after the table)."""
     notes = []
     if line.status in _STATUS_FIELD:
-        notes.append(getattr(wording, _STATUS_FIELD[line.status]))
+        notes.append(_repeated_cell(getattr(wording, _STATUS_FIELD[line.status]), _CELL_NOTE))
     shares = [
         template.format(amount=format_money(amount))
         for template, amount in (
@@ -662,9 +667,10 @@ def _line_notes(line: StatementLine, wording: Wording) -> list[str]:
         if amount
     ]
     if shares:
-        notes.append(" · ".join(shares))
+        notes.append(Paragraph(" · ".join(shares), _CELL_NOTE))
     if line.adjustment_codes:
-        notes.append(wording.line_codes.format(codes=escape(", ".join(line.adjustment_codes))))
+        codes = wording.line_codes.format(codes=escape(", ".join(line.adjustment_codes)))
+        notes.append(_repeated_cell(codes, _CELL_NOTE))
     return notes
 
 
