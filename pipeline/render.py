@@ -493,16 +493,16 @@ def _story(statement: Statement, plan_name: str, wording: Wording) -> list[Any]:
         [
             [
                 Paragraph(wording.summary.format(amount=you_may_owe), _SUMMARY),
-                Paragraph(wording.not_a_bill, _NOT_A_BILL),
+                _recurring(wording.not_a_bill, _NOT_A_BILL),
             ],
-            [Paragraph(wording.summary_note, _NOTE), ""],
+            [_recurring(wording.summary_note, _NOTE), ""],
         ],
         colWidths=(CONTENT_WIDTH * 0.64, CONTENT_WIDTH * 0.36),
         style=_SUMMARY_STYLE,
     )
     story: list[Any] = [
         summary,
-        Paragraph(wording.claims_heading, _HEADING),
+        _recurring(wording.claims_heading, _HEADING),
         _claims_table(statement, wording),
     ]
     accumulators = [
@@ -527,7 +527,7 @@ def _story(statement: Statement, plan_name: str, wording: Wording) -> list[Any]:
             _section(
                 wording.codes_heading,
                 [
-                    Paragraph(
+                    _recurring(
                         wording.code_explanation.format(
                             code=escape(code), explanation=book.explain(code)
                         ),
@@ -579,7 +579,7 @@ def _fixed_sections(wording: Wording, plan_name: str) -> tuple[tuple[Paragraph, 
 
 def _section(heading: str, body: list[Any]) -> KeepTogether:
     # A heading never sits alone at the bottom of a page.
-    return KeepTogether([Paragraph(heading, _HEADING), *body])
+    return KeepTogether([_recurring(heading, _HEADING), *body])
 
 
 @functools.cache
@@ -599,7 +599,7 @@ def _claims_table(statement: Statement, wording: Wording) -> Table:
     rows: list[list[Any]] = [list(_claims_header(wording))]
     rows.extend(_claim_row(line, wording) for line in statement.lines)
     rows.append([
-        Paragraph(wording.totals_label, _TOTALS_CELL), "", "",
+        _recurring(wording.totals_label, _TOTALS_CELL), "", "",
         format_money(statement.total_billed),
         format_money(statement.total_allowed),
         format_money(statement.total_plan_paid),
@@ -614,7 +614,7 @@ def _claim_row(line: StatementLine, wording: Wording) -> list[Any]:
     # Member data is escaped: a provider named "A & B <Clinic>" is text, not markup.
     description = (line.service_description or "").strip()
     service = [
-        _repeated_cell(
+        _recurring(
             wording.service_line.format(
                 code=escape(line.procedure_code),
                 description=escape(description) if description else wording.generic_service,
@@ -625,7 +625,7 @@ def _claim_row(line: StatementLine, wording: Wording) -> list[Any]:
     ]
     return [
         _date(line.service_date, wording),
-        _repeated_cell(escape(line.provider_name), _CELL),
+        _recurring(escape(line.provider_name), _CELL),
         service,
         format_money(line.billed_amount),
         format_money(line.allowed_amount),
@@ -643,9 +643,10 @@ _STATUS_FIELD = {
 
 
 @functools.lru_cache(maxsize=8192)
-def _repeated_cell(markup: str, style: ParagraphStyle) -> Paragraph:
-    """Cell text that recurs across statements (providers, services, status and code notes) is
-    broken into lines once per process, like the fixed text; the cache is bounded."""
+def _recurring(markup: str, style: ParagraphStyle) -> Paragraph:
+    """A paragraph whose text recurs across statements (headings, providers, services, status
+    and code notes, code explanations) is broken into lines once per process, like the fixed
+    text; the cache is bounded."""
     return _FixedParagraph(markup, style)
 
 
@@ -654,7 +655,7 @@ def _line_notes(line: StatementLine, wording: Wording) -> list[Paragraph]:
     and its adjustment codes (explained after the table)."""
     notes = []
     if line.status in _STATUS_FIELD:
-        notes.append(_repeated_cell(getattr(wording, _STATUS_FIELD[line.status]), _CELL_NOTE))
+        notes.append(_recurring(getattr(wording, _STATUS_FIELD[line.status]), _CELL_NOTE))
     shares = [
         template.format(amount=format_money(amount))
         for template, amount in (
@@ -670,7 +671,7 @@ def _line_notes(line: StatementLine, wording: Wording) -> list[Paragraph]:
         notes.append(Paragraph(" · ".join(shares), _CELL_NOTE))
     if line.adjustment_codes:
         codes = wording.line_codes.format(codes=escape(", ".join(line.adjustment_codes)))
-        notes.append(_repeated_cell(codes, _CELL_NOTE))
+        notes.append(_recurring(codes, _CELL_NOTE))
     return notes
 
 
