@@ -368,18 +368,31 @@ def _print_context(run_id: str, name: str) -> str:
     return f"{run_id}:print/{name}"
 
 
+def _encrypted_context(path: Path) -> str:
+    """The authenticated context of an encrypted run file, from its place in the run dir."""
+    if path.parent.name == "pdf":
+        return path.stem
+    if path.parent.name == "print":
+        return _print_context(path.parent.parent.name, path.name)
+    raise ValueError(f"{path.name}: not a PDF or print file of a run")
+
+
 def rekey(settings: Settings) -> dict[str, int]:
     """Re-encrypt every encrypted file of every run under the active key (key rotation); the
     old key can be retired once this reports nothing left under it."""
     keyring = load_keyring(settings.data_dir)
     counts = {"reencrypted": 0, "already_current": 0}
-    for run_dir in sorted(p for p in settings.runs_dir.glob("*") if p.is_dir()):
-        files = [(p, p.stem) for p in sorted(run_dir.glob("pdf/*.pdf"))]
-        files += [(p, _print_context(run_dir.name, p.name)) for p in run_dir.glob("print/*")]
-        for path, context in files:
-            changed = reencrypt(path, keyring, context)
-            counts["reencrypted" if changed else "already_current"] += 1
+    for path in sorted(settings.runs_dir.glob("*/pdf/*.pdf")) + sorted(
+        settings.runs_dir.glob("*/print/*")
+    ):
+        changed = reencrypt(path, keyring, _encrypted_context(path))
+        counts["reencrypted" if changed else "already_current"] += 1
     return counts
+
+
+def decrypt_run_file(settings: Settings, path: Path) -> bytes:
+    """A run's PDF or print file decrypted, in memory (for `eob decrypt` to a viewer's pipe)."""
+    return read_decrypted(path, load_keyring(settings.data_dir), _encrypted_context(path))
 
 
 def _plan(ctx: RunContext) -> dict[str, int]:

@@ -135,3 +135,25 @@ def test_rekey_command_moves_every_run_file_to_a_new_dev_key(tmp_path: Path) -> 
     only_new = atrest.Keyring({new.active_id: new.keys[new.active_id]}, new.active_id)
     assert read_decrypted(run_dir / "pdf" / "s1.pdf", only_new, "s1") == PDF
     assert read_decrypted(run_dir / "print" / "batch.pdf", only_new, "r1:print/batch.pdf") == PDF
+
+
+def test_decrypt_command_pipes_the_plaintext_and_refuses_other_files(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    data_dir = tmp_path / "data"
+    keyring = load_keyring(data_dir, {})
+    (data_dir / "runs" / "r1" / "pdf").mkdir(parents=True)
+    path = data_dir / "runs" / "r1" / "pdf" / "s1.pdf"
+    write_encrypted(path, PDF, keyring, "s1")
+    environment = {"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: ""}
+
+    result = CliRunner().invoke(main, ["decrypt", str(path)], env=environment)
+
+    assert result.exit_code == 0 and result.stdout_bytes == PDF
+    elsewhere = tmp_path / "s1.pdf"
+    elsewhere.write_bytes(path.read_bytes())
+    refused = CliRunner().invoke(main, ["decrypt", str(elsewhere)], env=environment)
+    assert refused.exit_code == 1 and PDF not in refused.stdout_bytes
+    assert "s1.pdf: not a PDF or print file of a run" in refused.output
