@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -81,6 +82,39 @@ def run(settings: Settings, drop: Path) -> None:
     run_id, summary = run_all(settings, drop, progress)
     _print_counts(run_id, summary)
     _print_datasets(settings)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_obj
+def decrypt(settings: Settings, path: Path) -> None:
+    """Write the plaintext of an encrypted run PDF or print file to standard output (pipe it to
+    a viewer: it is PHI, so never into a file outside the data directory)."""
+    from pipeline.atrest import DecryptionError
+    from pipeline.runner import decrypt_run_file
+
+    try:
+        plaintext = decrypt_run_file(settings, path.resolve())
+    except (ValueError, DecryptionError) as err:
+        raise click.ClickException(str(err)) from err
+    sys.stdout.buffer.write(plaintext)
+
+
+@main.command()
+@click.option(
+    "--new-dev-key",
+    is_flag=True,
+    help="First add a fresh key to the development keyring (when EOB_AT_REST_KEYS is unset).",
+)
+@click.pass_obj
+def rekey(settings: Settings, new_dev_key: bool) -> None:
+    """Re-encrypt every PDF and print file at rest under the active key (key rotation)."""
+    from pipeline.atrest import add_dev_key
+    from pipeline.runner import rekey as rekey_files
+
+    if new_dev_key:
+        add_dev_key(settings.data_dir)
+    _print_counts("rekey", rekey_files(settings))
 
 
 @main.command()

@@ -55,6 +55,17 @@ class Settings:
     return_path_source: str = ""
     # Plan name shown on the document and in the email.
     plan_name: str = "Example Health Plan"
+    # Processes that render PDFs over member shards; 0 means one per CPU.
+    render_workers: int = 0
+    # PHI the email body may carry: "none" or "first_name" (in the greeting).
+    email_body_phi: str = "none"
+    # Password rule of the emailed PDF: "" (none), "date_of_birth" (MMDDYYYY) or
+    # "postal_code_and_birth_year" (ZIP5 + YYYY); the email names the rule, never the password.
+    pdf_password: str = ""
+
+    @property
+    def render_processes(self) -> int:
+        return self.render_workers or os.cpu_count() or 1
 
     @property
     def ledger_url(self) -> str:
@@ -135,6 +146,14 @@ def _build(values: dict[str, Any]) -> Settings:
         settings = replace(settings, **{name: converted})
     if settings.smtp_port <= 0 or settings.smtp_port > 65535:
         raise ConfigError("setting smtp_port: must be 1..65535")
+    if settings.render_workers < 0:
+        raise ConfigError("setting render_workers: must be >= 0")
+    if settings.email_body_phi not in ("none", "first_name"):
+        raise ConfigError("setting email_body_phi: one of none, first_name")
+    if settings.pdf_password not in ("", "date_of_birth", "postal_code_and_birth_year"):
+        raise ConfigError(
+            "setting pdf_password: empty, date_of_birth or postal_code_and_birth_year"
+        )
     return settings
 
 

@@ -1,6 +1,8 @@
 """Render stage: one Letter-size Explanation of Benefits PDF per statement.
 
-All wording comes from templates/eob_document.<language>.toml; this module only lays it out.
+All wording comes from templates/eob_document.<language>.toml (the member's language when it
+exists, else English), code explanations from templates/adjustment_codes.<language>.toml and
+logo, colours and contact details from templates/branding.toml; this module only lays them out.
 Layout is fixed in points so that the member's address falls in the window of a #10 envelope
 when the page is printed and folded in thirds (statements without an email go to print).
 The built-in Helvetica fonts need no font files but only cover Latin-1: other characters
@@ -11,11 +13,9 @@ from __future__ import annotations
 
 import functools
 import io
-import os
-import re
 import string
-import tempfile
-import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+from reportlab.graphics.barcode.code128 import Code128
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_RIGHT
 from reportlab.lib.pagesizes import LETTER
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import inch
+from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
     BaseDocTemplate,
@@ -39,10 +41,17 @@ from reportlab.platypus import (
     TableStyle,
 )
 
+from pipeline.atrest import Keyring, write_atomically, write_encrypted
+from pipeline.codes import load_code_book
 from pipeline.errors import ConfigError
-from pipeline.statements import Statement, StatementLine
-
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+from pipeline.protect import protect_pdf
+from pipeline.render_templates import (
+    TEMPLATES_DIR,
+    check_language,
+    document_language,
+    read_toml,
+)
+from pipeline.statements import LineStatus, Statement, StatementLine
 
 
 @dataclass(frozen=True)
@@ -64,15 +73,36 @@ class Wording:
     column_provider: str
     column_service: str
     column_billed: str
+    column_allowed: str
     column_plan_paid: str
     column_you_may_owe: str
     service_line: str
     generic_service: str
     totals_label: str
+    status_adjusted: str
+    status_denied: str
+    status_reversed: str
+    status_voided: str
+    share_deductible: str
+    share_copay: str
+    share_coinsurance: str
+    share_not_covered: str
+    share_discount: str
+    line_codes: str
+    accumulators_heading: str
+    accumulator_deductible: str
+    accumulator_out_of_pocket: str
+    codes_heading: str
+    code_explanation: str
     appeal_heading: str
     appeal_rights: str
     contact_heading: str
     contact: str
+    appeal_address: str
+    nondiscrimination_heading: str
+    nondiscrimination: str
+    taglines_heading: str
+    taglines: str
     continued_header: str
     footer: str
 
@@ -86,25 +116,31 @@ _PLACEHOLDERS: dict[str, frozenset[str]] = {
     "period": frozenset({"start", "end"}),
     "summary": frozenset({"amount"}),
     "service_line": frozenset({"code", "description"}),
-    "contact": frozenset({"plan_name"}),
+    "contact": frozenset({"plan_name", "phone", "website"}),
+    "appeal_address": frozenset({"appeals_address"}),
+    "nondiscrimination": frozenset({"plan_name", "phone"}),
+    "taglines": frozenset({"phone"}),
+    "share_deductible": frozenset({"amount"}),
+    "share_copay": frozenset({"amount"}),
+    "share_coinsurance": frozenset({"amount"}),
+    "share_not_covered": frozenset({"amount"}),
+    "share_discount": frozenset({"amount"}),
+    "line_codes": frozenset({"codes"}),
+    "accumulator_deductible": frozenset({"met", "limit", "remaining"}),
+    "accumulator_out_of_pocket": frozenset({"met", "limit", "remaining"}),
+    "code_explanation": frozenset({"code", "explanation"}),
     "continued_header": frozenset({"plan_name", "title"}),
     "footer": frozenset({"page", "pages"}),
 }
 _WORDING_KEYS = frozenset(f.name for f in fields(Wording))
-# A language is a file-name part: refuse anything that could walk out of the templates dir.
-_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 
 
 @functools.cache
 def load_wording(language: str = "en") -> Wording:
     """The wording of templates/eob_document.<language>.toml, read and checked once per process."""
-    if not _LANGUAGE.fullmatch(language):
-        raise ConfigError(f"wording language {language!r}: not a language code")
+    check_language(language)
     path = TEMPLATES_DIR / f"eob_document.{language}.toml"
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"reading {path}: {err}") from err
+    data = read_toml(path)
     missing = sorted(_WORDING_KEYS - data.keys())
     unknown = sorted(data.keys() - _WORDING_KEYS)
     if missing or unknown:
@@ -120,6 +156,39 @@ def load_wording(language: str = "en") -> Wording:
         if not used <= allowed:
             raise ConfigError(f"{path}: key {key}: unknown placeholders {sorted(used - allowed)}")
     return Wording(**data)
+
+
+def wording_for(preference: str | None) -> Wording:
+    """The wording in the member's preferred language, English when there is none in it."""
+    return load_wording(document_language(preference))
+
+
+@dataclass(frozen=True)
+class Branding:
+    logo: Path
+    primary_color: str
+    pale_color: str
+    member_services_phone: str
+    website: str
+    appeals_address: str
+
+
+@functools.cache
+def load_branding() -> Branding:
+    path = TEMPLATES_DIR / "branding.toml"
+    raw = read_toml(path)
+    try:
+        branding = Branding(**{**raw, "logo": TEMPLATES_DIR / raw["logo"]})
+    except (TypeError, KeyError) as err:
+        raise ConfigError(f"{path}: expected keys {[f.name for f in fields(Branding)]}") from err
+    for key in ("primary_color", "pale_color"):
+        try:
+            colors.HexColor(getattr(branding, key))
+        except ValueError as err:
+            raise ConfigError(f"{path}: key {key}: not a #RRGGBB colour") from err
+    if not branding.logo.is_file():
+        raise ConfigError(f"{path}: key logo: no file {branding.logo.name} in {TEMPLATES_DIR}")
+    return branding
 
 
 def format_money(amount: Decimal) -> str:
@@ -146,17 +215,21 @@ LATER_FRAME_TOP = 0.95 * inch
 FRAME_BOTTOM = 0.8 * inch
 FOOTER_BASELINE = 0.5 * inch
 
-NAVY = colors.HexColor("#1F3A5F")
-PALE_BLUE = colors.HexColor("#EAF1F8")
+BRANDING = load_branding()
+NAVY = colors.HexColor(BRANDING.primary_color)
+PALE_BLUE = colors.HexColor(BRANDING.pale_color)
+# Read once per process: every document embeds the same image.
+_LOGO = ImageReader(str(BRANDING.logo))
+LOGO_HEIGHT = 0.5 * inch
 ZEBRA = colors.HexColor("#F4F6F8")
 GREY = colors.HexColor("#555555")
 RULE = colors.HexColor("#B8C4D0")
 
-# Service date, provider, service, billed, plan paid, you may owe: sums to CONTENT_WIDTH.
-# With 4pt cell padding, money columns fit $999,999.99 at 8.5pt and the English headers
-# "Service date" and "You may owe" fit on one line; the text columns take the rest.
+# Service date, provider, service, billed, allowed, plan paid, you may owe: sums to
+# CONTENT_WIDTH. With 4pt cell padding, money columns fit $999,999.99 at 8.5pt and the English
+# headers "Service date" and "You may owe" fit on one line; the text columns take the rest.
 CELL_PADDING = 4
-COLUMN_WIDTHS = (60.0, 119.0, 150.0, 56.0, 56.0, 63.0)
+COLUMN_WIDTHS = (60.0, 96.0, 116.0, 56.0, 56.0, 56.0, 64.0)
 assert abs(sum(COLUMN_WIDTHS) - CONTENT_WIDTH) < 0.01
 
 # Styles are built once per process: documents only reference them.
@@ -178,6 +251,8 @@ _HEADER_CELL = ParagraphStyle(
 )  # fmt: skip
 _HEADER_CELL_RIGHT = ParagraphStyle("eob-header-cell-right", _HEADER_CELL, alignment=TA_RIGHT)
 _TOTALS_CELL = ParagraphStyle("eob-totals-cell", _CELL, fontName="Helvetica-Bold")
+_CELL_NOTE = ParagraphStyle("eob-cell-note", _CELL, fontSize=7.5, leading=9, textColor=GREY)
+_SMALL = ParagraphStyle("eob-small", _BODY, fontSize=7.5, leading=9.5)
 
 _SUMMARY_STYLE = TableStyle([
     ("BACKGROUND", (0, 0), (-1, -1), PALE_BLUE),
@@ -209,6 +284,9 @@ _CLAIMS_STYLE = TableStyle([
     ("FONT", (0, -1), (-1, -1), "Helvetica-Bold", 8.5, 10.5),
     ("SPAN", (0, -1), (2, -1)),
 ])  # fmt: skip
+# Print-mail tracking barcode of the statement id, top right of page 1 outside the window.
+BARCODE_HEIGHT = 0.3 * inch
+BARCODE_BAR_WIDTH = 0.6
 
 
 class _NumberedCanvas(Canvas):  # type: ignore[misc]  # reportlab ships no type hints
@@ -248,21 +326,24 @@ class _PageText:
     title: str
     continued_header: str
     statement_id: str
+    barcode: str
     period: str
     address: tuple[str, ...]
 
 
-def render_statement_pdf(
-    statement: Statement, *, plan_name: str, out_path: Path, wording: Wording | None = None
-) -> int:
-    """Write the statement's EOB to out_path (replaced atomically) and return its page count."""
-    wording = wording or load_wording()
+def render_statement(
+    statement: Statement, *, plan_name: str, wording: Wording | None = None
+) -> tuple[bytes, int]:
+    """The statement's EOB as PDF bytes, and its page count. Wording defaults to the member's
+    preferred language."""
+    wording = wording or wording_for(statement.member.language)
     member = statement.member
     page_text = _PageText(
         plan_name=plan_name,
         title=wording.title,
         continued_header=wording.continued_header.format(plan_name=plan_name, title=wording.title),
         statement_id=wording.statement_id.format(statement_id=statement.statement_id),
+        barcode=statement.statement_id,
         period=wording.period.format(
             start=_date(statement.period_start, wording), end=_date(statement.period_end, wording)
         ),
@@ -307,9 +388,95 @@ def render_statement_pdf(
         _story(statement, plan_name, wording),
         canvasmaker=functools.partial(_NumberedCanvas, footer=wording.footer),
     )
-    _write_atomically(out_path, buffer.getvalue())
     pages: int = doc.page
+    return buffer.getvalue(), pages
+
+
+def render_statement_pdf(
+    statement: Statement,
+    *,
+    plan_name: str,
+    out_path: Path,
+    wording: Wording | None = None,
+    keyring: Keyring | None = None,
+    password: str | None = None,
+) -> int:
+    """Write the statement's EOB to out_path (replaced atomically) and return its page count.
+
+    With a keyring the file is encrypted at rest (the statement id is its context); without
+    one it is a plain PDF, for documents that are not member data (the reference pages).
+    With a password the PDF itself is AES-256 protected (for email).
+    """
+    data, pages = render_statement(statement, plan_name=plan_name, wording=wording)
+    if password is not None:
+        data = protect_pdf(data, password)
+    if keyring is None:
+        write_atomically(out_path, data)
+    else:
+        write_encrypted(out_path, data, keyring, statement.statement_id)
     return pages
+
+
+@dataclass(frozen=True)
+class Rendered:
+    statement_id: str
+    path: Path
+    pages: int
+
+
+def render_shard(
+    statements: Sequence[Statement],
+    passwords: Mapping[str, str],
+    *,
+    plan_name: str,
+    out_dir: Path,
+    keyring: Keyring,
+) -> list[Rendered]:
+    """Render and encrypt one shard of statements; the unit of work of a render process.
+    `passwords` holds the PDF password of the shard's statements that get one."""
+    done = []
+    for statement in statements:
+        path = out_dir / f"{statement.statement_id}.pdf"
+        pages = render_statement_pdf(
+            statement,
+            plan_name=plan_name,
+            out_path=path,
+            keyring=keyring,
+            password=passwords.get(statement.statement_id),
+        )
+        done.append(Rendered(statement.statement_id, path, pages))
+    return done
+
+
+def render_all(
+    statements: Sequence[Statement],
+    *,
+    plan_name: str,
+    out_dir: Path,
+    keyring: Keyring,
+    workers: int,
+    passwords: Mapping[str, str] | None = None,
+    shard_size: int = 200,
+) -> Iterator[list[Rendered]]:
+    """Render statements in shards over `workers` processes, yielding each shard as it is done.
+
+    Shards are consecutive slices (statements come in member order), so each finished shard
+    can be recorded and a crash loses at most the shards in flight. One worker, or a single
+    shard, renders in this process: no pool to start for a handful of statements.
+    """
+    passwords = passwords or {}
+    shards = [statements[i : i + shard_size] for i in range(0, len(statements), shard_size)]
+    # Each shard travels with only its own passwords.
+    shard_passwords = [
+        {s.statement_id: passwords[s.statement_id] for s in shard if s.statement_id in passwords}
+        for shard in shards
+    ]
+    render = functools.partial(render_shard, plan_name=plan_name, out_dir=out_dir, keyring=keyring)
+    if workers <= 1 or len(shards) <= 1:
+        yield from map(render, shards, shard_passwords)
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(shards))) as pool:
+        yield from pool.map(render, shards, shard_passwords)
 
 
 def _frame(top: float) -> Frame:
@@ -326,42 +493,115 @@ def _story(statement: Statement, plan_name: str, wording: Wording) -> list[Any]:
         [
             [
                 Paragraph(wording.summary.format(amount=you_may_owe), _SUMMARY),
-                Paragraph(wording.not_a_bill, _NOT_A_BILL),
+                _recurring(wording.not_a_bill, _NOT_A_BILL),
             ],
-            [Paragraph(wording.summary_note, _NOTE), ""],
+            [_recurring(wording.summary_note, _NOTE), ""],
         ],
         colWidths=(CONTENT_WIDTH * 0.64, CONTENT_WIDTH * 0.36),
         style=_SUMMARY_STYLE,
     )
-    return [
+    story: list[Any] = [
         summary,
-        Paragraph(wording.claims_heading, _HEADING),
+        _recurring(wording.claims_heading, _HEADING),
         _claims_table(statement, wording),
-        KeepTogether([
-            Paragraph(wording.appeal_heading, _HEADING),
-            Paragraph(wording.appeal_rights, _BODY),
-        ]),
-        KeepTogether([
-            Paragraph(wording.contact_heading, _HEADING),
-            Paragraph(wording.contact.format(plan_name=escape(plan_name)), _BODY),
-        ]),
+    ]
+    accumulators = [
+        template.format(
+            met=format_money(acc.met),
+            limit=format_money(acc.limit),
+            remaining=format_money(acc.remaining),
+        )
+        for template, acc in (
+            (wording.accumulator_deductible, statement.deductible),
+            (wording.accumulator_out_of_pocket, statement.out_of_pocket),
+        )
+        if acc is not None
+    ]
+    if accumulators:
+        story.append(
+            _section(wording.accumulators_heading, [Paragraph(a, _BODY) for a in accumulators])
+        )
+    if statement.adjustment_codes:
+        book = load_code_book(document_language(wording.language_tag.partition("-")[0]))
+        story.append(
+            _section(
+                wording.codes_heading,
+                [
+                    _recurring(
+                        wording.code_explanation.format(
+                            code=escape(code), explanation=book.explain(code)
+                        ),
+                        _BODY,
+                    )
+                    for code in statement.adjustment_codes
+                ],
+            )
+        )
+    story += [KeepTogether(list(section)) for section in _fixed_sections(wording, plan_name)]
+    return story
+
+
+class _FixedParagraph(Paragraph):  # type: ignore[misc]  # reportlab ships no type hints
+    """Text that is the same on every member's document: line breaking (the costliest part of
+    laying out a paragraph) is done once per width and process, not once per document."""
+
+    _wrapped: tuple[float, tuple[float, float]] | None = None
+
+    def wrap(self, available_width: float, available_height: float) -> tuple[float, float]:
+        if self._wrapped is None or self._wrapped[0] != available_width:
+            self._wrapped = (available_width, super().wrap(available_width, available_height))
+        return self._wrapped[1]
+
+
+@functools.cache
+def _fixed_sections(wording: Wording, plan_name: str) -> tuple[tuple[Paragraph, ...], ...]:
+    """Appeal rights, contact, nondiscrimination notice and taglines: heading and paragraphs,
+    built once per language and plan and shared by every document the process renders."""
+    branding = BRANDING
+    phone = escape(branding.member_services_phone)
+    plan = escape(plan_name)
+    appeals_address = escape(branding.appeals_address)
+    sections = [
+        (wording.appeal_heading, _BODY, [wording.appeal_rights,
+         wording.appeal_address.format(appeals_address=appeals_address)]),
+        (wording.contact_heading, _BODY, [wording.contact.format(
+            plan_name=plan, phone=phone, website=escape(branding.website))]),
+        (wording.nondiscrimination_heading, _SMALL,
+         [wording.nondiscrimination.format(plan_name=plan, phone=phone)]),
+        (wording.taglines_heading, _SMALL,
+         [t for t in wording.taglines.format(phone=phone).splitlines() if t.strip()]),
     ]  # fmt: skip
+    return tuple(
+        (_FixedParagraph(heading, _HEADING), *(_FixedParagraph(text, style) for text in texts))
+        for heading, style, texts in sections
+    )
+
+
+def _section(heading: str, body: list[Any]) -> KeepTogether:
+    # A heading never sits alone at the bottom of a page.
+    return KeepTogether([_recurring(heading, _HEADING), *body])
+
+
+@functools.cache
+def _claims_header(wording: Wording) -> tuple[Paragraph, ...]:
+    return (
+        _FixedParagraph(wording.column_service_date, _HEADER_CELL),
+        _FixedParagraph(wording.column_provider, _HEADER_CELL),
+        _FixedParagraph(wording.column_service, _HEADER_CELL),
+        _FixedParagraph(wording.column_billed, _HEADER_CELL_RIGHT),
+        _FixedParagraph(wording.column_allowed, _HEADER_CELL_RIGHT),
+        _FixedParagraph(wording.column_plan_paid, _HEADER_CELL_RIGHT),
+        _FixedParagraph(wording.column_you_may_owe, _HEADER_CELL_RIGHT),
+    )
 
 
 def _claims_table(statement: Statement, wording: Wording) -> Table:
-    header = [
-        Paragraph(wording.column_service_date, _HEADER_CELL),
-        Paragraph(wording.column_provider, _HEADER_CELL),
-        Paragraph(wording.column_service, _HEADER_CELL),
-        Paragraph(wording.column_billed, _HEADER_CELL_RIGHT),
-        Paragraph(wording.column_plan_paid, _HEADER_CELL_RIGHT),
-        Paragraph(wording.column_you_may_owe, _HEADER_CELL_RIGHT),
-    ]
-    rows: list[list[Any]] = [header]
+    rows: list[list[Any]] = [list(_claims_header(wording))]
     rows.extend(_claim_row(line, wording) for line in statement.lines)
     rows.append([
-        Paragraph(wording.totals_label, _TOTALS_CELL), "", "",
+        _recurring(wording.totals_label, _TOTALS_CELL), "", "",
         format_money(statement.total_billed),
+        format_money(statement.total_allowed),
         format_money(statement.total_plan_paid),
         format_money(statement.total_member_responsibility),
     ])  # fmt: skip
@@ -373,38 +613,102 @@ def _claim_row(line: StatementLine, wording: Wording) -> list[Any]:
     # Plain strings for short fixed-width cells (cheaper); Paragraphs where text must wrap.
     # Member data is escaped: a provider named "A & B <Clinic>" is text, not markup.
     description = (line.service_description or "").strip()
-    service = wording.service_line.format(
-        code=escape(line.procedure_code),
-        description=escape(description) if description else wording.generic_service,
-    )
+    service = [
+        _recurring(
+            wording.service_line.format(
+                code=escape(line.procedure_code),
+                description=escape(description) if description else wording.generic_service,
+            ),
+            _CELL,
+        ),
+        *_line_notes(line, wording),
+    ]
     return [
         _date(line.service_date, wording),
-        Paragraph(escape(line.provider_name), _CELL),
-        Paragraph(service, _CELL),
+        _recurring(escape(line.provider_name), _CELL),
+        service,
         format_money(line.billed_amount),
+        format_money(line.allowed_amount),
         format_money(line.plan_paid),
         format_money(line.member_responsibility),
     ]
 
 
+_STATUS_FIELD = {
+    LineStatus.ADJUSTED: "status_adjusted",
+    LineStatus.DENIED: "status_denied",
+    LineStatus.REVERSED: "status_reversed",
+    LineStatus.VOIDED: "status_voided",
+}
+
+
+@functools.lru_cache(maxsize=8192)
+def _recurring(markup: str, style: ParagraphStyle) -> Paragraph:
+    """A paragraph whose text recurs across statements (headings, providers, services, status
+    and code notes, code explanations) is broken into lines once per process, like the fixed
+    text; the cache is bounded."""
+    return _FixedParagraph(markup, style)
+
+
+def _line_notes(line: StatementLine, wording: Wording) -> list[Paragraph]:
+    """Under the service: its status when not simply paid, what the member's share is made of,
+    and its adjustment codes (explained after the table)."""
+    notes = []
+    if line.status in _STATUS_FIELD:
+        notes.append(_recurring(getattr(wording, _STATUS_FIELD[line.status]), _CELL_NOTE))
+    shares = [
+        template.format(amount=format_money(amount))
+        for template, amount in (
+            (wording.share_discount, line.discount if _discounted(line) else None),
+            (wording.share_deductible, line.deductible),
+            (wording.share_copay, line.copay),
+            (wording.share_coinsurance, line.coinsurance),
+            (wording.share_not_covered, line.not_covered),
+        )
+        if amount
+    ]
+    if shares:
+        notes.append(Paragraph(" · ".join(shares), _CELL_NOTE))
+    if line.adjustment_codes:
+        codes = wording.line_codes.format(codes=escape(", ".join(line.adjustment_codes)))
+        notes.append(_recurring(codes, _CELL_NOTE))
+    return notes
+
+
+def _discounted(line: StatementLine) -> bool:
+    # A denied, reversed or voided line allows nothing: billed minus allowed is no discount.
+    paid = line.status in (LineStatus.PAID, LineStatus.ADJUSTED)
+    return paid and line.allowed_amount > 0 and line.discount > 0
+
+
 def _draw_first_page(canvas: Any, doc: Any, *, text: _PageText) -> None:
     canvas.saveState()
     top = PAGE_HEIGHT
-    # Plan name where a double-window envelope shows the return address; title opposite.
+    # Logo and plan name where a double-window envelope shows the return address; title opposite.
+    logo_bottom = top - 0.75 * inch - 0.12 * inch
+    canvas.drawImage(_LOGO, MARGIN, logo_bottom, LOGO_HEIGHT, LOGO_HEIGHT)
     canvas.setFillColor(NAVY)
     canvas.setFont("Helvetica-Bold", 14)
-    canvas.drawString(MARGIN, top - 0.75 * inch, text.plan_name)
+    canvas.drawString(MARGIN + LOGO_HEIGHT + 8, top - 0.75 * inch, text.plan_name)
     canvas.setFont("Helvetica-Bold", 18)
     canvas.drawRightString(PAGE_WIDTH - MARGIN, top - 0.75 * inch, text.title)
     canvas.setStrokeColor(NAVY)
     canvas.setLineWidth(1.5)
-    canvas.line(MARGIN, top - 0.9 * inch, PAGE_WIDTH - MARGIN, top - 0.9 * inch)
+    canvas.line(MARGIN, top - 0.95 * inch, PAGE_WIDTH - MARGIN, top - 0.95 * inch)
     # Statement reference top right, above the window line so no envelope shows it.
     canvas.setFillColor(colors.black)
     canvas.setFont("Helvetica", 9)
     canvas.drawRightString(PAGE_WIDTH - MARGIN, top - 1.15 * inch, text.statement_id)
     canvas.drawRightString(PAGE_WIDTH - MARGIN, top - 1.15 * inch - 12, text.period)
+    # The statement id as Code 128, right of the window, for the mail vendor's tracking.
+    barcode = Code128(
+        text.barcode, barHeight=BARCODE_HEIGHT, barWidth=BARCODE_BAR_WIDTH, quiet=False
+    )
+    barcode.drawOn(
+        canvas, PAGE_WIDTH - MARGIN - barcode.width, top - 1.15 * inch - 20 - BARCODE_HEIGHT
+    )
     # Address block: first baseline one cap height below ADDRESS_TOP.
+    canvas.setFillColor(colors.black)
     canvas.setFont("Helvetica", 11)
     baseline = top - ADDRESS_TOP - 8
     for line in text.address:
@@ -441,16 +745,16 @@ def _date(value: date, wording: Wording) -> str:
     return value.strftime(wording.date_format)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # A crash mid-write must never leave a truncated PDF where the send stage would find it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-__all__ = ["Wording", "format_money", "load_wording", "render_statement_pdf"]
+__all__ = [
+    "Branding",
+    "Rendered",
+    "Wording",
+    "format_money",
+    "load_branding",
+    "load_wording",
+    "render_all",
+    "render_shard",
+    "render_statement",
+    "render_statement_pdf",
+    "wording_for",
+]

@@ -26,6 +26,7 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import bounces, cases, collect, datasets, reconcile
+from pipeline.atrest import Keyring, load_keyring, read_decrypted, reencrypt, write_encrypted
 from pipeline.compose import compose_eob_email, compose_portal_notice
 from pipeline.config import Settings
 from pipeline.contracts import load_contract
@@ -46,9 +47,12 @@ from pipeline.ledger.models import (
 from pipeline.ledger.states import MessageState, transition_message
 from pipeline.plan import ToPlan, Usage, message_token, plan_sends, verp_return_path
 from pipeline.policy import SendingPolicy, policy_for
+from pipeline.printbatch import PrintPiece, build_print_batch
 from pipeline.profiles import load_profile
+from pipeline.protect import pdf_password
 from pipeline.rejections import write_rejection_report
-from pipeline.render import render_statement_pdf
+from pipeline.render import render_all
+from pipeline.render_templates import DEFAULT_LANGUAGE, document_language
 from pipeline.routing import MxRouter, RelayRouter, Router
 from pipeline.send import (
     Callbacks,
@@ -375,6 +379,11 @@ def _statements(ctx: RunContext) -> dict[str, int]:
                     email=email,
                     claim_lines=len(doc.lines),
                     member_owes=doc.total_member_responsibility,
+                    language=document_language(doc.member.language),
+                    # Kept only when the email may greet by name (PHI minimisation).
+                    first_name=doc.member.first_name
+                    if ctx.settings.email_body_phi == "first_name"
+                    else None,
                 )
             )
             counts[channel] += 1
@@ -382,25 +391,100 @@ def _statements(ctx: RunContext) -> dict[str, int]:
 
 
 def _render(ctx: RunContext) -> dict[str, int]:
+    """PDFs encrypted at rest, rendered by processes over shards; each finished shard is
+    recorded at once, so a rerun after a crash renders only what is missing."""
     pdf_dir = ctx.run_dir / "pdf"
     pdf_dir.mkdir(parents=True, exist_ok=True)
-    rendered = 0
+    rule = ctx.settings.pdf_password
+    passwords: dict[str, str] = {}
+    # Print-channel statements of the run, in member order: statement id -> ZIP code.
+    to_print: dict[str, str] = {}
+    keyring = load_keyring(ctx.settings.data_dir)
     with ctx.sessions() as session:
-        pending = [
-            doc
-            for _, doc in _run_statements(ctx, session)
-            if session.get_one(Statement, doc.statement_id).pdf_path is None
-        ]
-    for doc in ctx.track(pending, "render", len(pending)):
-        assert isinstance(doc, StatementDoc)
-        path = pdf_dir / f"{doc.statement_id}.pdf"
-        render_statement_pdf(doc, plan_name=ctx.settings.plan_name, out_path=path)
-        with ctx.sessions.begin() as session:
-            session.get_one(Statement, doc.statement_id).pdf_path = str(
-                path.relative_to(ctx.run_dir)
+        pending = []
+        for _, doc in _run_statements(ctx, session):
+            record = session.get_one(Statement, doc.statement_id)
+            if record.channel == "print":
+                to_print[doc.statement_id] = doc.member.postal_code
+            if record.pdf_path is not None:
+                continue
+            pending.append(doc)
+            # Only emailed PDFs are password protected; the print vendor gets them open.
+            password = (
+                pdf_password(doc.member, rule) if rule and record.channel == "email" else None
             )
-        rendered += 1
-    return {"rendered": rendered}
+            if password is not None:
+                passwords[doc.statement_id] = password
+    shards = render_all(
+        pending,
+        plan_name=ctx.settings.plan_name,
+        out_dir=pdf_dir,
+        keyring=keyring,
+        workers=ctx.settings.render_processes,
+        passwords=passwords,
+    )
+    progress = iter(ctx.track(pending, "render", len(pending)))
+    rendered = 0
+    for shard in shards:
+        with ctx.sessions.begin() as session:
+            for done in shard:
+                record = session.get_one(Statement, done.statement_id)
+                record.pdf_path = str(done.path.relative_to(ctx.run_dir))
+                record.pdf_protected = done.statement_id in passwords
+                next(progress, None)
+        rendered += len(shard)
+    batch_dir = ctx.run_dir / "print"
+    if to_print and (rendered or not batch_dir.exists()):
+        return {"rendered": rendered, "print_pieces": _print_batch(ctx, to_print, keyring)}
+    return {"rendered": rendered, "print_pieces": 0}
+
+
+def _print_batch(ctx: RunContext, to_print: dict[str, str], keyring: Keyring) -> int:
+    """The run's print batch and vendor manifest, rebuilt whole (it is small next to the PDFs)
+    and written encrypted like every PHI file; the vendor transfer decrypts them."""
+    batch_dir = ctx.run_dir / "print"
+    batch_dir.mkdir(exist_ok=True)
+    pieces = (
+        PrintPiece(statement_id, postal_code, read_decrypted(path, keyring, statement_id))
+        for statement_id, postal_code in to_print.items()
+        if (path := ctx.run_dir / "pdf" / f"{statement_id}.pdf").exists()
+    )
+    batch = build_print_batch(pieces)
+    for name, data in (("batch.pdf", batch.pdf), ("manifest.csv", batch.manifest)):
+        write_encrypted(batch_dir / name, data, keyring, _print_context(ctx.run_id, name))
+    return batch.pieces
+
+
+def _print_context(run_id: str, name: str) -> str:
+    # Binds a print file to its run: a batch copied into another run does not decrypt there.
+    return f"{run_id}:print/{name}"
+
+
+def _encrypted_context(path: Path) -> str:
+    """The authenticated context of an encrypted run file, from its place in the run dir."""
+    if path.parent.name == "pdf":
+        return path.stem
+    if path.parent.name == "print":
+        return _print_context(path.parent.parent.name, path.name)
+    raise ValueError(f"{path.name}: not a PDF or print file of a run")
+
+
+def rekey(settings: Settings) -> dict[str, int]:
+    """Re-encrypt every encrypted file of every run under the active key (key rotation); the
+    old key can be retired once this reports nothing left under it."""
+    keyring = load_keyring(settings.data_dir)
+    counts = {"reencrypted": 0, "already_current": 0}
+    for path in sorted(settings.runs_dir.glob("*/pdf/*.pdf")) + sorted(
+        settings.runs_dir.glob("*/print/*")
+    ):
+        changed = reencrypt(path, keyring, _encrypted_context(path))
+        counts["reencrypted" if changed else "already_current"] += 1
+    return counts
+
+
+def decrypt_run_file(settings: Settings, path: Path) -> bytes:
+    """A run's PDF or print file decrypted, in memory (for `eob decrypt` to a viewer's pipe)."""
+    return read_decrypted(path, load_keyring(settings.data_dir), _encrypted_context(path))
 
 
 def _plan(ctx: RunContext) -> dict[str, int]:
@@ -518,8 +602,9 @@ def _send(ctx: RunContext) -> dict[str, int]:
         pending = [
             m for m in pending if (m.source_ip, reconcile.provider_of(m.recipient)) not in paused
         ]
-        pdfs = {
-            m.message_id: _pdf_path(ctx, session.get_one(Statement, m.statement_id))
+        keyring = load_keyring(settings.data_dir)
+        parts = {
+            m.message_id: _email_parts(ctx, session.get_one(Statement, m.statement_id))
             for m in pending
         }
         outgoing = [_outgoing(ctx, m) for m in pending]
@@ -528,13 +613,19 @@ def _send(ctx: RunContext) -> dict[str, int]:
     signer = DkimSigner(policy.dkim)
 
     def render(message: Outgoing) -> bytes:
+        statement = parts[message.message_id]
         content = compose_eob_email(
             message_id=message.message_id,
-            statement_id=pdfs[message.message_id].stem,
+            statement_id=statement.statement_id,
             recipient=message.recipient,
             from_address=settings.from_address,
             plan_name=settings.plan_name,
-            pdf=pdfs[message.message_id].read_bytes(),
+            language=statement.language,
+            first_name=statement.first_name if settings.email_body_phi == "first_name" else None,
+            # The PDF was protected at render time when the member had the data the rule needs.
+            password_rule=settings.pdf_password if statement.pdf_protected else "",
+            # Decrypted in memory only: the plaintext PDF is never written anywhere.
+            pdf=read_decrypted(statement.pdf, keyring, statement.statement_id),
         )
         return signer.sign(content.as_bytes(policy=email.policy.SMTP))
 
@@ -544,6 +635,7 @@ def _send(ctx: RunContext) -> dict[str, int]:
             from_address=settings.from_address,
             plan_name=settings.plan_name,
             portal_url=policy.portal_url,
+            language=parts[message.message_id].language,
         )
         return signer.sign(content.as_bytes(policy=email.policy.SMTP))
 
@@ -623,9 +715,27 @@ def _recover_interrupted(session: Session, run_id: str) -> None:
         )
 
 
-def _pdf_path(ctx: RunContext, statement: Statement) -> Path:
+@dataclass(frozen=True)
+class _EmailParts:
+    """What the email of one statement needs, read from the ledger before sending starts."""
+
+    statement_id: str
+    # The encrypted PDF on disk.
+    pdf: Path
+    language: str
+    first_name: str | None
+    pdf_protected: bool
+
+
+def _email_parts(ctx: RunContext, statement: Statement) -> _EmailParts:
     assert statement.pdf_path is not None
-    return ctx.settings.runs_dir / statement.run_id / statement.pdf_path
+    return _EmailParts(
+        statement_id=statement.statement_id,
+        pdf=ctx.settings.runs_dir / statement.run_id / statement.pdf_path,
+        language=statement.language or DEFAULT_LANGUAGE,
+        first_name=statement.first_name,
+        pdf_protected=statement.pdf_protected,
+    )
 
 
 def _outgoing(ctx: RunContext, message: Message) -> Outgoing:

@@ -21,6 +21,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from pipeline.atrest import load_keyring, write_encrypted
 from pipeline.config import Settings
 from pipeline.demo import free_port
 from pipeline.ledger import open_ledger
@@ -170,9 +171,15 @@ max_rate_per_ip = 10000.0
 def seed_run(settings: Settings, count: int, run_id: str = "rsend") -> str:
     """A run with `count` email statements (member<n>@example.org) and their PDF, planned."""
     sessions = open_ledger(settings.ledger_url)
-    pdf = settings.runs_dir / run_id / "pdf" / "eob.pdf"
-    pdf.parent.mkdir(parents=True)
-    pdf.write_bytes((REPO / "tests" / "data" / "tiny.pdf").read_bytes())
+    # Encrypted at rest as the render stage leaves them, bound to each statement's id.
+    pdf_dir = settings.runs_dir / run_id / "pdf"
+    pdf_dir.mkdir(parents=True)
+    tiny, keyring = (
+        (REPO / "tests" / "data" / "tiny.pdf").read_bytes(),
+        load_keyring(settings.data_dir),
+    )
+    for n in range(count):
+        write_encrypted(pdf_dir / f"s{n:05d}.pdf", tiny, keyring, f"s{n:05d}")
     now = datetime.now(UTC)
     with sessions.begin() as session:
         session.add(Run(run_id=run_id, started_at=now, drop="landing"))
@@ -192,7 +199,7 @@ def seed_run(settings: Settings, count: int, run_id: str = "rsend") -> str:
                 email=f"member{n}@example.org",
                 claim_lines=1,
                 member_owes=0,
-                pdf_path="pdf/eob.pdf",
+                pdf_path=f"pdf/s{n:05d}.pdf",
             )  # fmt: skip
             for n in range(count)
         )

@@ -12,7 +12,7 @@ from tests.conftest import sample_drop
 def test_every_stage_has_a_subcommand():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in (*STAGES, "start", "finish", "run", "demo", "sink"):
+    for command in (*STAGES, "start", "finish", "run", "demo", "sink", "rekey"):
         assert f"  {command} " in result.output
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import mailbox
 from pathlib import Path
 
 import duckdb
 import pytest
+from pypdf import PdfReader
 from sqlalchemy import select
 
+from pipeline.atrest import MAGIC, load_keyring, read_decrypted
 from pipeline.config import Settings
 from pipeline.ledger import open_ledger
 from pipeline.ledger.models import Message, ResendCase, Statement, Suppression
@@ -81,6 +84,27 @@ def test_sample_drop_end_to_end(sink: Settings, tmp_path: Path, caplog: pytest.L
         " group by state order by state"
     ).fetchall()
     assert facts == [("accepted", 9), ("bounced", 2)]
+
+    # PDFs rest encrypted in the data directory; the message carries the decrypted PDF.
+    stored = list(sink.runs_dir.glob(f"{run_id}/pdf/*.pdf"))
+    assert len(stored) == summary["pdfs"]
+    for path in stored:
+        blob = path.read_bytes()
+        assert blob.startswith(MAGIC) and b"%PDF" not in blob
+    attachments = [part.get_payload(decode=True) for m in delivered for part in m.walk()
+                   if part.get_content_type() == "application/pdf"]  # fmt: skip
+    assert len(attachments) == len(delivered)
+    for pdf in attachments:
+        assert "Explanation of Benefits" in PdfReader(io.BytesIO(pdf)).pages[0].extract_text()
+
+    # The member without email is in the run's print batch, which rests encrypted too.
+    keyring = load_keyring(sink.data_dir)
+    manifest = read_decrypted(sink.runs_dir / run_id / "print" / "manifest.csv", keyring,
+                              f"{run_id}:print/manifest.csv").decode()  # fmt: skip
+    batch = read_decrypted(sink.runs_dir / run_id / "print" / "batch.pdf", keyring,
+                           f"{run_id}:print/batch.pdf")  # fmt: skip
+    assert len(manifest.splitlines()) == 2
+    assert "Explanation of Benefits" in PdfReader(io.BytesIO(batch)).pages[0].extract_text()
 
     # PHI never reaches a log line.
     logged = "\n".join(r.getMessage() for r in caplog.records)

@@ -5,24 +5,37 @@ Statements are built here with synthetic members; text is read back with pypdf.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import re
+import subprocess
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pypdf import PdfReader
 from reportlab.pdfbase.pdfmetrics import stringWidth
 
 from pipeline import render
+from pipeline.atrest import parse_keys, read_decrypted
+from pipeline.codes import load_code_book
 from pipeline.errors import ConfigError
-from pipeline.render import format_money, load_wording, render_statement_pdf
-from pipeline.statements import Member, Statement, StatementLine
+from pipeline.render import (
+    format_money,
+    load_wording,
+    render_all,
+    render_statement_pdf,
+    wording_for,
+)
+from pipeline.statements import Accumulator, LineStatus, Member, Statement, StatementLine
 
 PLAN = "Example Health Plan"
-HEADER_ROW = "Service date Provider Service Billed Plan paid You may owe"
+HEADER_ROW = "Service date Provider Service Billed Allowed Plan paid You may owe"
 
 MEMBER = Member(
     member_id="M000123",
@@ -87,20 +100,24 @@ def test_one_page_statement_shows_amounts_totals_and_fixed_text(tmp_path: Path) 
 
     count, pages = render_pages(tmp_path, stmt)
 
-    assert count == 1
+    # The notices (nondiscrimination, language taglines) take the second page.
+    assert count == 2
     text = pages[0]
-    assert "$1,234.50 $1,000.00 $234.50" in text
-    assert "$200.00 $150.25 $49.75" in text
-    assert "$15.25 $0.00 $15.25" in text
-    assert "Totals $1,449.75 $1,150.25 $299.50" in text
+    assert "$1,234.50 $1,234.50 $1,000.00 $234.50" in text
+    assert "$200.00 $200.00 $150.25 $49.75" in text
+    assert "$15.25 $15.25 $0.00 $15.25" in text
+    assert "Totals $1,449.75 $1,449.75 $1,150.25 $299.50" in text
     assert "You may owe your provider $299.50" in text
     assert "THIS IS NOT A BILL" in text
     assert "s0a1b2c3d4e5f60718293a4b5" in text
     assert "Service dates: 01/03/2025 to 01/05/2025" in text
-    assert "Page 1 of 1" in text
+    assert "Page 1 of 2" in text and "Page 2 of 2" in pages[1]
     assert HEADER_ROW in text
     assert PLAN in text
-    assert "Your right to appeal" in text and "Questions?" in text
+    everything = " ".join(pages)
+    assert "Your right to appeal" in everything and "Questions?" in everything
+    assert "Nondiscrimination notice" in everything
+    assert "ATENCIÓN: si habla español" in everything
 
 
 def test_member_address_block_and_accented_text_survive_extraction(tmp_path: Path) -> None:
@@ -159,15 +176,18 @@ def test_long_statement_spans_pages_with_numbered_footer_and_repeated_header(
     assert count >= 4
     for number, text in enumerate(pages, start=1):
         assert f"Page {number} of {count}" in text
-        assert HEADER_ROW in text
         assert "s0a1b2c3d4e5f60718293a4b5" in text
     assert all("(continued)" in text for text in pages[1:])
     everything = " ".join(pages)
     for item in lines:
-        assert everything.count(f"$1.00 $10.00 {format_money(item.member_responsibility)} ") == 1
+        owe = format_money(item.member_responsibility)
+        allowed = format_money(item.allowed_amount)
+        assert everything.count(f"$1.00 {allowed} $10.00 {owe} ") == 1
     total = format_money(stmt.total_member_responsibility)
-    assert f"Totals $200.00 $2,000.00 {total}" in pages[-1]
-    assert all("Totals" not in text for text in pages[:-1])
+    allowed_total = format_money(stmt.total_allowed)
+    assert f"Totals $200.00 {allowed_total} $2,000.00 {total}" in everything
+    totals_page = next(n for n, text in enumerate(pages) if "Totals" in text)
+    assert all(HEADER_ROW in text for text in pages[: totals_page + 1])
 
 
 def test_long_provider_name_wraps_inside_its_column(tmp_path: Path) -> None:
@@ -223,7 +243,7 @@ def test_wording_comes_from_the_wording_object(tmp_path: Path) -> None:
 
     assert "ESTO NO ES UNA FACTURA" in pages[0]
     assert "THIS IS NOT A BILL" not in pages[0]
-    assert "Página 1 de 1" in pages[0]
+    assert "Página 1 de 2" in pages[0]
     assert "03/01/2025" in pages[0]
 
 
@@ -304,3 +324,180 @@ def _fragments(page: Any) -> list[tuple[str, list[float], list[float]]]:
 
     page.extract_text(visitor_text=visit)
     return found
+
+
+# Golden statements with the contract-v2 detail -------------------------------------------
+
+
+def detailed_statement(language: str) -> Statement:
+    member = dataclasses.replace(MEMBER, language=language)
+    return Statement(
+        statement_id="s0a1b2c3d4e5f60718293a4b5",
+        member=member,
+        period_start=date(2026, 10, 2),
+        period_end=date(2026, 10, 20),
+        lines=(
+            StatementLine(
+                "C1", 1, date(2026, 10, 2), "Valley Medical Group", "99213", "Office visit",
+                Decimal("250.00"), Decimal("180.00"), Decimal("150.00"), Decimal("30.00"),
+                copay=Decimal("30.00"), adjustment_codes=("CO-45", "PR-3"),
+            ),
+            StatementLine(
+                "C2", 1, date(2026, 10, 9), "Valley Imaging Center", "80053", None,
+                Decimal("120.00"), Decimal("0.00"), Decimal("0.00"), Decimal("0.00"),
+                status=LineStatus.DENIED, adjustment_codes=("CO-197", "N130"),
+            ),
+            StatementLine(
+                "C3", 1, date(2026, 10, 9), "Valley Imaging Center", "73721", "MRI of knee",
+                Decimal("-838.17"), Decimal("-746.04"), Decimal("-746.04"), Decimal("0.00"),
+                status=LineStatus.REVERSED, adjustment_codes=("CR-129", "ZZ-9999"),
+            ),
+        ),
+        deductible=Accumulator(Decimal("1500.00"), Decimal("650.00")),
+        out_of_pocket=Accumulator(Decimal("6000.00"), Decimal("1230.50")),
+    )  # fmt: skip
+
+
+def test_golden_english_statuses_codes_and_accumulators(tmp_path: Path) -> None:
+    count, pages = render_pages(tmp_path, detailed_statement("en"))
+    text = " ".join(pages)
+
+    assert count == 2
+    assert "$250.00 $180.00 $150.00 $30.00" in text
+    assert "Network discount $70.00 · Copay $30.00" in text
+    assert "Denied: the plan did not pay for this service" in text
+    assert "Reversal: this takes back an earlier payment" in text
+    assert "-$838.17 -$746.04 -$746.04 $0.00" in text
+    assert "Totals -$468.17 -$566.04 -$596.04 $30.00" in text
+    assert "You may owe your provider $30.00" in text
+    # A denied line allows nothing: no "discount" is claimed for it.
+    assert "Network discount $120.00" not in text
+    assert "Deductible: $650.00 met of $1,500.00; $850.00 left to meet." in text
+    assert "Out-of-pocket maximum: $1,230.50 met of $6,000.00; $4,769.50 left" in text
+    explained = {
+        "CO-45": "The charge is more than the plan's allowed amount for this service. Your "
+        "provider has agreed not to bill you for this amount.",
+        "PR-3": "This is your copay for the service. You may owe this amount to your provider.",
+        "CO-197": "The service needed approval from the plan before it was given",
+        "N130": "Check your plan documents for the limits and exclusions",
+        "CR-129": "An earlier payment for this service is being corrected.",
+        # Unknown code: shown, with the generic explanation.
+        "ZZ-9999": "An adjustment was made to this claim.",
+    }
+    assert "What the codes mean" in text
+    for code, explanation in explained.items():
+        assert f"{code}: {explanation}" in text
+
+
+def test_golden_spanish_is_chosen_by_the_member_language(tmp_path: Path) -> None:
+    count, pages = render_pages(tmp_path, detailed_statement("es"))
+    text = " ".join(pages)
+
+    assert count == 2
+    assert "Explicación de Beneficios" in text and "ESTO NO ES UNA FACTURA" in text
+    assert "Es posible que deba a su proveedor $30.00" in text
+    assert "Fechas de servicio: del 02/10/2026 al 20/10/2026" in text
+    assert "Denegada: el plan no pagó este servicio" in text
+    assert "Reversión: esto anula un pago anterior" in text
+    assert "CO-45: El cargo es mayor que la cantidad permitida" in text
+    assert "ZZ-9999: Se hizo un ajuste a esta reclamación." in text
+    assert "Deducible: $650.00 cubiertos de $1,500.00; faltan $850.00." in text
+    assert "Aviso de no discriminación" in text and "Su derecho a apelar" in text
+    assert "Página 1 de 2" in pages[0] and "Página 2 de 2" in pages[1]
+    assert "You may owe" not in text
+    reader = PdfReader(tmp_path / "eob.pdf")
+    assert str(reader.root_object["/Lang"]) == "es-US"
+    assert reader.metadata is not None and reader.metadata.title == "Explicación de Beneficios"
+
+
+@pytest.mark.parametrize("preference", ["fr", "", None, "../es", "ES"])
+def test_language_without_wording_falls_back_to_english(preference: str | None) -> None:
+    expected = "es" if preference == "ES" else "en"
+    assert wording_for(preference).language_tag.startswith(expected)
+
+
+def test_statement_id_barcode_scans_back_from_the_printed_page(tmp_path: Path) -> None:
+    out = tmp_path / "eob.pdf"
+    render_statement_pdf(statement([line(1)]), plan_name=PLAN, out_path=out)
+    # Print-like: the page as pixels, read by a real barcode scanner (zbar).
+    subprocess.run(["pdftoppm", "-png", "-r", "200", "-f", "1", "-l", "1", out, tmp_path / "p"],
+                   check=True)  # fmt: skip
+    scanned = subprocess.run(["zbarimg", "--raw", "-q", tmp_path / "p-1.png"],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    assert scanned.stdout.split() == ["s0a1b2c3d4e5f60718293a4b5"]
+
+
+@given(st.text(max_size=12))
+def test_every_code_gets_a_non_empty_explanation(code: str) -> None:
+    for language in ("en", "es"):
+        assert load_code_book(language).explain(code).strip()
+
+
+@pytest.mark.parametrize(
+    ("code", "start"),
+    [
+        ("CO-45", "The charge is more"),
+        ("co 45", "The charge is more"),
+        ("PR1", "This amount went toward your deductible. You may owe"),
+        ("045", "The charge is more"),
+        ("N130", "Check your plan documents"),
+        ("MA130", "The claim has incomplete"),
+        ("N9999", "An additional remark applies"),
+        ("XX-45", "An adjustment was made"),
+    ],
+)
+def test_code_explanations(code: str, start: str) -> None:
+    assert load_code_book("en").explain(code).startswith(start)
+
+
+def test_bundled_spanish_mapping_covers_every_english_code() -> None:
+    english, spanish = load_code_book("en"), load_code_book("es")
+    assert english.carc.keys() == spanish.carc.keys()
+    assert english.rarc.keys() == spanish.rarc.keys()
+    assert english.groups.keys() == spanish.groups.keys()
+    assert {f.name for f in dataclasses.fields(load_wording("es"))} == {
+        f.name for f in dataclasses.fields(load_wording("en"))
+    }
+
+
+def test_render_all_over_processes_writes_every_statement_encrypted(tmp_path: Path) -> None:
+    keyring = parse_keys(f"k1:{base64.b64encode(bytes(32)).decode()}", source="test")
+    statements = [
+        dataclasses.replace(statement([line(n)]), statement_id=f"s{n:024d}") for n in range(5)
+    ]
+
+    shards = list(
+        render_all(statements, plan_name=PLAN, out_dir=tmp_path, keyring=keyring, workers=2,
+                   passwords={"s" + "0" * 23 + "3": "secret"}, shard_size=2)
+    )  # fmt: skip
+
+    assert [len(shard) for shard in shards] == [2, 2, 1]
+    for done in (item for shard in shards for item in shard):
+        reader = PdfReader(io.BytesIO(read_decrypted(done.path, keyring, done.statement_id)))
+        assert reader.is_encrypted == done.statement_id.endswith("3")
+        if reader.is_encrypted:
+            assert reader.decrypt("secret")
+        assert len(reader.pages) == done.pages
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda text: text.replace('logo = "logo.png"', 'logo = "missing.png"'), "key logo"),
+        (lambda text: text.replace('"#1F3A5F"', '"navy-ish"'), "key primary_color: not a"),
+        (lambda text: text + 'motto = "x"\n', "expected keys"),
+    ],
+)
+def test_load_branding_refuses_a_broken_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any, message: str
+) -> None:
+    original = render.TEMPLATES_DIR / "branding.toml"
+    (tmp_path / "branding.toml").write_text(change(original.read_text(encoding="utf-8")))
+    (tmp_path / "logo.png").write_bytes((render.TEMPLATES_DIR / "logo.png").read_bytes())
+    monkeypatch.setattr(render, "TEMPLATES_DIR", tmp_path)
+    render.load_branding.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=message):
+            render.load_branding()
+    finally:
+        render.load_branding.cache_clear()

@@ -78,6 +78,11 @@ class Statement(Base):
     member_owes: Mapped[Decimal] = mapped_column(Numeric(14, 2))
     # Relative to the run directory; set once the PDF is on disk.
     pdf_path: Mapped[str | None] = mapped_column(Text)
+    # Language of the document and email (en, es); the email may greet by first name.
+    language: Mapped[str | None] = mapped_column(String(8))
+    first_name: Mapped[str | None] = mapped_column(Text)
+    # The PDF is password protected (the email then tells the member the password rule).
+    pdf_protected: Mapped[bool] = mapped_column(default=False)
 
 
 class Message(Base):

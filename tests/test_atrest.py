@@ -1,0 +1,159 @@
+"""Encryption at rest: AES-256-GCM files that name their key, bind their context, and rotate."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline import atrest
+from pipeline.atrest import (
+    DecryptionError,
+    add_dev_key,
+    load_keyring,
+    parse_keys,
+    read_decrypted,
+    reencrypt,
+    write_encrypted,
+)
+from pipeline.errors import ConfigError
+
+KEY_A = base64.b64encode(bytes(range(32))).decode()
+KEY_B = base64.b64encode(bytes(range(32, 64))).decode()
+RING_A = parse_keys(f"a1:{KEY_A}", source="test")
+PDF = b"%PDF-1.4 Ana Maria Perez M000123 ..."
+
+
+@given(data=st.binary(max_size=4096), context=st.text(max_size=40))
+def test_round_trip_and_ciphertext_hides_the_plaintext(data: bytes, context: str) -> None:
+    blob = RING_A.encrypt(data, context)
+    assert RING_A.decrypt(blob, context) == data
+    assert RING_A.key_id_of(blob) == "a1"
+    if len(data) >= 8:
+        assert data not in blob
+
+
+@given(position=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7))
+def test_any_altered_byte_fails_to_decrypt(position: int, bit: int) -> None:
+    blob = bytearray(RING_A.encrypt(PDF, "s1"))
+    blob[position % len(blob)] ^= 1 << bit
+    with pytest.raises(DecryptionError):
+        RING_A.decrypt(bytes(blob), "s1")
+
+
+def test_a_file_moved_to_another_statement_does_not_decrypt(tmp_path: Path) -> None:
+    path = tmp_path / "s1.pdf"
+    write_encrypted(path, PDF, RING_A, "s1")
+    assert not path.read_bytes().startswith(b"%PDF")
+    assert read_decrypted(path, RING_A, "s1") == PDF
+    with pytest.raises(DecryptionError, match="s1.pdf: authentication failed"):
+        read_decrypted(path, RING_A, "s2")
+
+
+def test_plain_file_and_unknown_key_are_named_errors(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.pdf"
+    plain.write_bytes(PDF)
+    with pytest.raises(DecryptionError, match="plain.pdf: not an encrypted"):
+        read_decrypted(plain, RING_A, "s1")
+    other = parse_keys(f"b1:{KEY_B}", source="test")
+    with pytest.raises(DecryptionError, match="key 'a1', not in the keyring"):
+        other.decrypt(RING_A.encrypt(PDF, "s1"), "s1")
+
+
+def test_rotation_new_key_first_old_files_still_read_then_reencrypted(tmp_path: Path) -> None:
+    path = tmp_path / "s1.pdf"
+    write_encrypted(path, PDF, RING_A, "s1")
+    rotated = parse_keys(f"b1:{KEY_B},a1:{KEY_A}", source="test")
+
+    assert read_decrypted(path, rotated, "s1") == PDF
+    assert reencrypt(path, rotated, "s1") is True
+    assert reencrypt(path, rotated, "s1") is False
+
+    only_new = parse_keys(f"b1:{KEY_B}", source="test")
+    assert only_new.key_id_of(path.read_bytes()) == "b1"
+    assert read_decrypted(path, only_new, "s1") == PDF
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "no keys"),
+        (f"bad id:{KEY_A}", "key 1: id must be"),
+        ("a1:not base64!", r"key 1 \(a1\): not base64"),
+        (f"a1:{base64.b64encode(b'short').decode()}", r"must be 32 bytes"),
+        (f"a1:{KEY_A},a1:{KEY_B}", "key 2: id a1 listed twice"),
+    ],
+)
+def test_bad_keys_are_refused_without_quoting_them(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse_keys(text, source="environment variable EOB_AT_REST_KEYS")
+    assert "EOB_AT_REST_KEYS" in str(caught.value)
+    assert KEY_A not in str(caught.value) and KEY_B not in str(caught.value)
+
+
+def test_environment_keys_win_over_the_development_keyring(tmp_path: Path) -> None:
+    ring = load_keyring(tmp_path, {atrest.ENV_VAR: f"b1:{KEY_B}, a1:{KEY_A}"})
+    assert ring.active_id == "b1" and set(ring.keys) == {"a1", "b1"}
+    assert not atrest.dev_keyring_path(tmp_path).exists()
+
+
+def test_development_keyring_is_made_once_private_and_rotates(tmp_path: Path) -> None:
+    first = load_keyring(tmp_path, {})
+    path = atrest.dev_keyring_path(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_keyring(tmp_path, {}) == first
+
+    new_id = add_dev_key(tmp_path)
+    rotated = load_keyring(tmp_path, {})
+    assert rotated.active_id == new_id != first.active_id
+    assert rotated.keys[first.active_id] == first.keys[first.active_id]
+
+
+def test_rekey_command_moves_every_run_file_to_a_new_dev_key(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    data_dir = tmp_path / "data"
+    old = load_keyring(data_dir, {})
+    run_dir = data_dir / "runs" / "r1"
+    (run_dir / "pdf").mkdir(parents=True)
+    (run_dir / "print").mkdir()
+    write_encrypted(run_dir / "pdf" / "s1.pdf", PDF, old, "s1")
+    write_encrypted(run_dir / "print" / "batch.pdf", PDF, old, "r1:print/batch.pdf")
+
+    environment = {"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: ""}
+    result = CliRunner().invoke(main, ["rekey", "--new-dev-key"], env=environment)
+
+    assert result.exit_code == 0, result.output
+    assert "reencrypted" in result.output and "2" in result.output
+    new = load_keyring(data_dir, {})
+    only_new = atrest.Keyring({new.active_id: new.keys[new.active_id]}, new.active_id)
+    assert read_decrypted(run_dir / "pdf" / "s1.pdf", only_new, "s1") == PDF
+    assert read_decrypted(run_dir / "print" / "batch.pdf", only_new, "r1:print/batch.pdf") == PDF
+
+
+def test_decrypt_command_pipes_the_plaintext_and_refuses_other_files(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    data_dir = tmp_path / "data"
+    keyring = load_keyring(data_dir, {})
+    (data_dir / "runs" / "r1" / "pdf").mkdir(parents=True)
+    path = data_dir / "runs" / "r1" / "pdf" / "s1.pdf"
+    write_encrypted(path, PDF, keyring, "s1")
+    environment = {"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: ""}
+
+    result = CliRunner().invoke(main, ["decrypt", str(path)], env=environment)
+
+    assert result.exit_code == 0 and result.stdout_bytes == PDF
+    elsewhere = tmp_path / "s1.pdf"
+    elsewhere.write_bytes(path.read_bytes())
+    refused = CliRunner().invoke(main, ["decrypt", str(elsewhere)], env=environment)
+    assert refused.exit_code == 1 and PDF not in refused.stdout_bytes
+    assert "s1.pdf: not a PDF or print file of a run" in refused.output
