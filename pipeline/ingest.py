@@ -143,7 +143,7 @@ def type_batch(
         if pc.any(failed).as_py():
             for n in pc.filter(text.column(ROW), failed).to_pylist():
                 reasons.append(
-                    _reason(
+                    quarantine_reason(
                         file_name, n, field.name, f"type_{field.type}", _TYPE_MESSAGES[field.type]
                     )
                 )
@@ -160,7 +160,10 @@ def quarantine_schema() -> pa.Schema:
     return load_contract("quarantine").schema
 
 
-def _reason(file_name: str, row: int, field: str, rule: str, message: str) -> dict[str, object]:
+def quarantine_reason(
+    file_name: str, row: int, field: str, rule: str, message: str
+) -> dict[str, object]:
+    """One row of the quarantine contract (schemas/quarantine.json)."""
     return {
         "file_name": file_name,
         "row_number": row,
@@ -257,7 +260,7 @@ def _column_count_reasons(
 ) -> list[dict[str, object]]:
     """Reasons for the records set aside so far; the list is emptied."""
     reasons = [
-        _reason(
+        quarantine_reason(
             path.name,
             n,
             "*",

@@ -50,9 +50,10 @@ def _off_by_more_than_a_cent(a: pa.Array, b: pa.Array) -> pa.Array:
 
 def negative_amount(column: str) -> Callable[[pa.RecordBatch, date], pa.Array]:
     def failing(batch: pa.RecordBatch, _run: date) -> pa.Array:
-        # A reversal carries the original line's amounts with their signs flipped.
+        # A reversal or a void carries the original line's amounts with their signs flipped.
         negative = pc.less(batch.column(column), ZERO)
-        return pc.and_(pc.fill_null(negative, False), pc.invert(_status_is(batch, "reversed")))
+        cancelling = pc.or_(_status_is(batch, "reversed"), _status_is(batch, "voided"))
+        return pc.and_(pc.fill_null(negative, False), pc.invert(cancelling))
 
     return failing
 
@@ -164,7 +165,7 @@ def claim_line_rules() -> tuple[RowRule, ...]:
             RowRule(
                 "amount_non_negative",
                 m,
-                f"{m} is negative on a line that is not a reversal",
+                f"{m} is negative on a line that is not a reversal or void",
                 negative_amount(m),
             )
             for m in money

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.contracts import SCHEMAS_DIR, Contract, load_contract
 from pipeline.errors import AccountingError
-from pipeline.ingest import ROW, quarantine_schema
+from pipeline.ingest import ROW, quarantine_reason, quarantine_schema
 from pipeline.rules import RowRule, claim_line_rules, roster_rules
 
 # GX phones home unless told not to; this pipeline makes no network traffic.
@@ -236,7 +236,7 @@ def _gx_failures(
         field = kwargs.get("column") or f"{kwargs['column_A']},{kwargs['column_B']}"
         for row_number in outcome.result.get("unexpected_index_list") or []:
             reasons.append(
-                _reason(
+                quarantine_reason(
                     file_name, int(row_number), field, config.meta["rule"], config.meta["message"]
                 )
             )
@@ -250,7 +250,7 @@ def _rule_failures(
     for rule in rules:
         failing = rule.failing(batch, run_date)
         for n in pc.filter(batch.column(ROW), failing).to_pylist():
-            reasons.append(_reason(file_name, n, rule.field, rule.rule, rule.message))
+            reasons.append(quarantine_reason(file_name, n, rule.field, rule.rule, rule.message))
     return reasons
 
 
@@ -268,7 +268,7 @@ def _contact_failures(batch: pa.RecordBatch, file_name: str) -> list[dict[str, o
         (reachable, "member_contact", "member has neither an email nor a complete postal address"),
     ):
         for n in pc.filter(batch.column(ROW), pc.invert(mask)).to_pylist():
-            reasons.append(_reason(file_name, n, "member_id", rule, message))
+            reasons.append(quarantine_reason(file_name, n, "member_id", rule, message))
     return reasons
 
 
@@ -325,7 +325,9 @@ def _drop_duplicates(
         if kind == "claims"
         else ("duplicate_member", "a later row has this member")
     )
-    return [_reason(file_name, n, ",".join(keys), rule, message) for n in dropped.to_pylist()]
+    return [
+        quarantine_reason(file_name, n, ",".join(keys), rule, message) for n in dropped.to_pylist()
+    ]
 
 
 def _empty_accepted(contract: Contract, kind: str) -> pa.Table:
@@ -335,13 +337,3 @@ def _empty_accepted(contract: Contract, kind: str) -> pa.Table:
             pa.field("language", pa.string())
         )
     return schema.empty_table()
-
-
-def _reason(file_name: str, row: int, field: str, rule: str, message: str) -> dict[str, object]:
-    return {
-        "file_name": file_name,
-        "row_number": row,
-        "field": field,
-        "rule": rule,
-        "message": message,
-    }

@@ -34,7 +34,8 @@ def table(
 ) -> pa.Table:
     schema = load_contract("claim_line").schema
     for name, kind in (extra_types or {}).items():
-        schema = schema.append(pa.field(name, kind))
+        if schema.get_field_index(name) < 0:  # the roster's columns join the contract's
+            schema = schema.append(pa.field(name, kind))
     # A roster-only member has no claim: the extract leaves the claim columns empty.
     schema = schema.set(schema.get_field_index("claim_id"), pa.field("claim_id", pa.string()))
     return pa.Table.from_pylist(rows, schema=schema)
