@@ -171,6 +171,11 @@ def _chunk(rng: np.random.Generator, start: int, n: int, npis: np.ndarray, bad: 
         "coinsurance_amount": money(coinsurance),
         "noncovered_amount": money(np.zeros(n)),
         "adjustment_codes": pick(_ADJUSTMENTS, claim),
+        # Plan-year limits; the amounts met are left for the statements stage to compute.
+        "deductible_limit": pick(["1500.00", "3000.00"], member),
+        "deductible_met": pick([""], member),
+        "out_of_pocket_limit": pick(["6000.00", "8700.00"], member),
+        "out_of_pocket_met": pick([""], member),
     }
     table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
     defect_rows = np.flatnonzero(rng.random(n) < bad)

@@ -371,3 +371,19 @@ def test_duplicates_are_exactly_the_repeats_after_the_first(tmp_path, keys):
             expected.add(number)
         seen.add(key)
     assert {r["row_number"] for r in reasons if r["rule"] == "duplicate_line"} == expected
+
+
+def test_the_synthetic_extract_fits_the_contract_with_its_share_of_defects(tmp_path):
+    from pipeline.synthetic import generate_extract
+
+    path = tmp_path / "synthetic.csv"
+    generate_extract(path, 4_000, bad_share=0.05, chunk=1_500)
+    verdict, reasons = check(path)
+    assert verdict.rows_in == 4_000
+    # Each defective row carries one defect; nothing else fails.
+    assert 0.03 < verdict.quarantined / verdict.rows_in < 0.07
+    assert {r["rule"] for r in reasons} <= {
+        "amount_non_negative", "billed_at_least_allowed", "allowed_is_paid_plus_member",
+        "npi_format", "type_date", "type_decimal", "procedure_code_format", "email_syntax",
+        "required", "member_share_parts",
+    }  # fmt: skip
