@@ -80,10 +80,7 @@ def verify(
 
 
 def mark_unreachable(session: Session, case_id: str, *, actor: str, note: str) -> ResendCase:
-    case = get_case(session, case_id)
-    transition_case(session, case, CaseState.UNREACHABLE, actor=actor, reason=note)
-    audit(session, "case_unreachable", "case", case_id, actor=actor)
-    return case
+    return _move(session, case_id, CaseState.UNREACHABLE, "case_unreachable", actor, note)
 
 
 def approve(
@@ -105,16 +102,20 @@ def approve(
 
 
 def route_to_print(session: Session, case_id: str, *, actor: str, reason: str) -> ResendCase:
-    case = get_case(session, case_id)
-    transition_case(session, case, CaseState.PRINT_FALLBACK, actor=actor, reason=reason)
-    audit(session, "case_routed_to_print", "case", case_id, actor=actor)
-    return case
+    return _move(session, case_id, CaseState.PRINT_FALLBACK, "case_routed_to_print", actor, reason)
 
 
 def close(session: Session, case_id: str, *, actor: str, reason: str) -> ResendCase:
+    return _move(session, case_id, CaseState.CLOSED, "case_closed", actor, reason)
+
+
+def _move(
+    session: Session, case_id: str, to: CaseState, action: str, actor: str, reason: str
+) -> ResendCase:
+    """An operator's state change of a case, with its audit event."""
     case = get_case(session, case_id)
-    transition_case(session, case, CaseState.CLOSED, actor=actor, reason=reason)
-    audit(session, "case_closed", "case", case_id, actor=actor)
+    transition_case(session, case, to, actor=actor, reason=reason)
+    audit(session, action, "case", case_id, actor=actor)
     return case
 
 
