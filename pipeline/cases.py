@@ -9,7 +9,7 @@ when on the case, and writes an audit event with ids only. Nothing here sends an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -146,9 +146,17 @@ def open_incident(
 
 
 def plan_approved_resends(
-    session: Session, run_id: str, pool: Sequence[PoolIp], *, actor: str = "plan"
+    session: Session,
+    run_id: str,
+    pool: Sequence[PoolIp],
+    *,
+    provider_of: Callable[[str], str] | None = None,
+    actor: str = "plan",
 ) -> int:
-    """Plan one new attempt per approved, verified case, honouring suppression."""
+    """Plan one new attempt per approved, verified case, honouring suppression.
+
+    `provider_of` rolls the verified address up to its mailbox provider, as the send engine's
+    planner does for first attempts, so the resend goes out on that provider's shaped lane."""
     approved = session.scalars(
         select(ResendCase)
         .where(ResendCase.state == CaseState.VERIFIED, ResendCase.approved_by.is_not(None))
@@ -162,7 +170,13 @@ def plan_approved_resends(
             route_to_print(session, case.case_id, actor=actor, reason="address suppressed")
             continue
         message = plan_attempt(
-            session, case.statement_id, case.verified_address, run_id, pool, case.case_id
+            session,
+            case.statement_id,
+            case.verified_address,
+            run_id,
+            pool,
+            case.case_id,
+            provider=provider_of(case.verified_address) if provider_of else None,
         )
         attempt = message.attempt
         transition_case(
@@ -187,8 +201,11 @@ def plan_attempt(
     run_id: str,
     pool: Sequence[PoolIp],
     case_id: str | None,
+    *,
+    provider: str | None = None,
 ) -> Message:
-    """A new message row: the statement's next attempt, planned in `run_id`."""
+    """A new message row: the statement's next attempt, planned in `run_id` to go out today
+    (so it counts against today's warm-up usage of its IP)."""
     latest = session.scalar(
         select(func.max(Message.attempt)).where(Message.statement_id == statement_id)
     )
@@ -205,6 +222,8 @@ def plan_attempt(
         recipient=recipient,
         source_ip=ip.address,
         ehlo_name=ip.ehlo_name,
+        provider=provider,
+        send_day=now.date(),
         state=MessageState.PLANNED,
         created_at=now,
         updated_at=now,

@@ -324,7 +324,15 @@ def acknowledge_alert(
         )
         if latest != old.attempt:
             continue  # already requeued
-        cases.plan_attempt(session, old.statement_id, old.recipient, run_id, pool, old.case_id)
+        cases.plan_attempt(
+            session,
+            old.statement_id,
+            old.recipient,
+            run_id,
+            pool,
+            old.case_id,
+            provider=old.provider,
+        )
         requeued += 1
     audit(
         session,

@@ -541,7 +541,12 @@ def _plan(ctx: RunContext) -> dict[str, int]:
                 counts["planned"] += 1
                 counts["spilled_to_later_days"] += assignment.day > today
         # Approved verify-before-resend cases go out as new attempts with this run.
-        counts["resends_planned"] = cases.plan_approved_resends(session, ctx.run_id, policy.pool)
+        counts["resends_planned"] = cases.plan_approved_resends(
+            session,
+            ctx.run_id,
+            policy.pool,
+            provider_of=lambda address: _providers(policy, [address])[_domain(address)],
+        )
     return counts
 
 

@@ -67,6 +67,8 @@ def test_bounce_verify_approve_resend_once(sink: Settings, tmp_path: Path):
             MessageState.ACCEPTED,
         )
         assert to_new[0]["Message-ID"].startswith(f"<{resend.message_id}@")
+        # Planned like a first attempt: on its provider's shaped lane, counted in today's usage.
+        assert resend.provider == "default" and resend.send_day == resend.created_at.date()
         case = session.get_one(ResendCase, case_id)
         assert case.state == CaseState.RESENT
         trail = [
