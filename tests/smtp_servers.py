@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,11 @@ from pipeline.atrest import load_keyring, write_encrypted
 from pipeline.config import Settings
 from pipeline.demo import free_port
 from pipeline.ledger import open_ledger
-from pipeline.ledger.models import InputFile, Run, Statement
+from pipeline.ledger.models import Statement
 from pipeline.runner import run_stage
 from pipeline.sink import ensure_certificates
 from tests.conftest import REPO
+from tests.ledger_seed import seed_run_and_file
 
 HOST = "127.0.0.1"
 
@@ -180,15 +180,8 @@ def seed_run(settings: Settings, count: int, run_id: str = "rsend") -> str:
     )
     for n in range(count):
         write_encrypted(pdf_dir / f"s{n:05d}.pdf", tiny, keyring, f"s{n:05d}")
-    now = datetime.now(UTC)
     with sessions.begin() as session:
-        session.add(Run(run_id=run_id, started_at=now, drop="landing"))
-        session.flush()
-        session.add(
-            InputFile(file_id=1, sha256="0" * 64, file_name="f.csv", insurer="acme", size_bytes=1,
-                      run_id=run_id, registered_at=now, status="validated")
-        )  # fmt: skip
-        session.flush()
+        seed_run_and_file(session, run_id)
         session.add_all(
             Statement(
                 statement_id=f"s{n:05d}",

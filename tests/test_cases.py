@@ -22,15 +22,14 @@ from pipeline.ledger.models import (
     Bounce,
     DeliverabilityAlert,
     Incident,
-    InputFile,
     Message,
     ResendCase,
-    Run,
     Statement,
     StateTransition,
     Suppression,
 )
 from pipeline.ledger.states import CASE_TRANSITIONS, CaseState, MessageState
+from tests.ledger_seed import seed_run_and_file
 
 POOL = (SendingIp("127.0.0.2", "mta1"), SendingIp("127.0.0.3", "mta2"))
 POLICY = reconcile.load_policy()
@@ -39,25 +38,6 @@ POLICY = reconcile.load_policy()
 @pytest.fixture
 def sessions(ledger_url: str) -> sessionmaker[Session]:
     return open_ledger(ledger_url)
-
-
-def _seed(session: Session) -> None:
-    now = datetime.now(UTC)
-    session.add(Run(run_id="r1", started_at=now, drop="landing"))
-    session.flush()
-    session.add(
-        InputFile(
-            file_id=1,
-            sha256="0" * 64,
-            file_name="f.csv",
-            insurer="acme",
-            size_bytes=1,
-            run_id="r1",
-            registered_at=now,
-            status="validated",
-        )
-    )
-    session.flush()
 
 
 def _accepted(session: Session, n: int, *, email: str = "old@example.org", ip: str = "127.0.0.2"):
@@ -116,7 +96,7 @@ def _hard_bounced_case(session: Session, n: int = 1) -> ResendCase:
 
 def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         case = _hard_bounced_case(session)
         message = session.get_one(Message, "m1")
         assert message.state == MessageState.BOUNCED
@@ -186,7 +166,7 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
 
 def test_verification_input_is_checked_without_echoing_it(sessions: sessionmaker[Session]):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         case = _hard_bounced_case(session)
         for kwargs, error in [
             ({"channel": "email", "evidence": "x", "address": "a@example.net"}, "channel"),
@@ -201,7 +181,7 @@ def test_verification_input_is_checked_without_echoing_it(sessions: sessionmaker
 
 def test_a_suppressed_verified_address_is_never_resent(sessions: sessionmaker[Session]):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         case = _hard_bounced_case(session)
         cases.verify(
             session,
@@ -219,7 +199,7 @@ def test_a_suppressed_verified_address_is_never_resent(sessions: sessionmaker[Se
 
 def test_a_resend_that_bounces_again_reopens_then_prints(sessions: sessionmaker[Session]):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         case = _hard_bounced_case(session)
         for attempt, address in ((2, "a@example.net"), (3, "b@example.net")):
             cases.verify(
@@ -246,7 +226,7 @@ def test_complaint_suppresses_routes_to_print_and_opens_an_incident(
     sessions: sessionmaker[Session],
 ):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         message = _accepted(session, 1)
         reconcile.reconcile_bounce(
             session, _bounce(session, message, BounceClass.COMPLAINT, ""), POLICY
@@ -263,7 +243,7 @@ def test_policy_block_alerts_per_ip_and_provider_and_requeues_on_ack(
     sessions: sessionmaker[Session],
 ):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         for n in range(3):
             message = _accepted(session, n, email=f"u{n}@bigmail.example")
             reconcile.reconcile_bounce(
@@ -294,7 +274,7 @@ def test_policy_block_alerts_per_ip_and_provider_and_requeues_on_ack(
 
 def test_soft_bounces_open_a_case_only_at_the_limit(sessions: sessionmaker[Session]):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         message = _accepted(session, 1)
         opened = [
             reconcile.reconcile_bounce(
@@ -308,7 +288,7 @@ def test_soft_bounces_open_a_case_only_at_the_limit(sessions: sessionmaker[Sessi
 
 def test_bounce_rate_over_pause_holds_the_route(sessions: sessionmaker[Session]):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         messages = [_accepted(session, n, email=f"u{n}@isp.example") for n in range(40)]
         for message in messages[:1]:
             reconcile.reconcile_bounce(
@@ -335,7 +315,7 @@ class CaseMachine(RuleBasedStateMachine):
         engine = create_engine("sqlite://")
         Base.metadata.create_all(engine)
         self.session = Session(engine)
-        _seed(self.session)
+        seed_run_and_file(self.session)
         self.case = _hard_bounced_case(self.session)
         self.history: list[str] = [self.case.state]
 
@@ -429,7 +409,7 @@ TestCaseMachine.settings = hsettings(max_examples=100, stateful_step_count=20, d
 
 def test_a_not_me_reply_is_a_suspected_misdelivery(sessions: sessionmaker[Session]):
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         message = _accepted(session, 1)
         reply = _bounce(session, message, BounceClass.NOT_BOUNCE, "")
         reply.diagnostic = "Hello, I think you sent this to the wrong person. Not me!"

@@ -16,7 +16,6 @@ from pipeline.errors import IllegalTransition
 from pipeline.ledger import open_ledger
 from pipeline.ledger.models import (
     Base,
-    InputFile,
     Message,
     ResendCase,
     Run,
@@ -31,6 +30,7 @@ from pipeline.ledger.states import (
     transition_case,
     transition_message,
 )  # fmt: skip
+from tests.ledger_seed import seed_run_and_file
 
 
 @pytest.fixture
@@ -52,22 +52,7 @@ def test_migrating_twice_is_harmless(ledger_url: str):
 def _message(session: Session, n: int) -> Message:
     now = datetime.now(UTC)
     if session.get(Run, "r1") is None:
-        # No relationship() links the models, so parents are flushed before their children.
-        session.add(Run(run_id="r1", started_at=now, drop="landing"))
-        session.flush()
-        session.add(
-            InputFile(
-                file_id=1,
-                sha256="0" * 64,
-                file_name="f.csv",
-                insurer="acme",
-                size_bytes=1,
-                run_id="r1",
-                registered_at=now,
-                status="validated",
-            )
-        )
-        session.flush()  # fmt: skip
+        seed_run_and_file(session)
     session.add(
         Statement(
             statement_id=f"s{n}",
