@@ -31,6 +31,7 @@ from reportlab.lib.pagesizes import letter
 from reportlab.pdfgen import canvas
 from sqlalchemy import insert, select
 
+from pipeline.atrest import load_keyring, write_encrypted
 from pipeline.config import Settings
 from pipeline.ledger import open_ledger
 from pipeline.ledger.models import InputFile, Message, Run, Statement, StateTransition
@@ -40,6 +41,10 @@ from pipeline.runner import run_stage
 from pipeline.sink import ensure_certificates
 
 REPO = Path(__file__).resolve().parent.parent
+# The test servers' policy builder serves the benchmark too: one definition of a warmed policy.
+sys.path.insert(0, str(REPO))
+from tests.smtp_servers import policy_toml  # noqa: E402
+
 POSTFIX_HOST = "127.0.0.28"
 IPS = ("127.0.0.20", "127.0.0.21", "127.0.0.22", "127.0.0.23")
 MESSAGE_BYTES = 40 * 1024
@@ -122,34 +127,21 @@ def forty_kb_pdf(path: Path) -> None:
 
 
 def policy_file(tmp: Path, key_file: Path, rate: float, connections: int) -> Path:
-    header = (REPO / "config" / "sending.toml").read_text().split("[[pool]]", 1)[0]
-    header = header.replace('key_file = ""', f'key_file = "{key_file}"')
-    pool = "".join(f'[[pool]]\naddress = "{ip}"\nehlo_name = "mta{n}.eob.example.com"\n\n'
-                   for n, ip in enumerate(IPS))  # fmt: skip
     path = tmp / f"sending-{rate}.toml"
-    path.write_text(
-        header
-        + pool
-        + f"""
-[warmup]
-daily_cap = [1000000]
-
-[providers.default]
-domains = []
-mx_suffixes = []
-max_connections_per_ip = {connections}
-max_messages_per_connection = 1000
-max_rate_per_ip = {rate}
-"""
-    )
+    path.write_text(policy_toml(IPS, connections, rate_per_ip=rate, messages_per_connection=1000,
+                                dkim_key_file=str(key_file)))  # fmt: skip
     return path
 
 
 def seed(settings: Settings, run_id: str, count: int, pdf: Path) -> None:
     """`count` planned messages over the IPs, each with its statement and the PDF."""
     sessions = open_ledger(settings.ledger_url)
-    (settings.runs_dir / run_id / "pdf").mkdir(parents=True)
-    shutil.copy(pdf, settings.runs_dir / run_id / "pdf" / "eob.pdf")
+    # Encrypted at rest and bound to its statement, as the render stage leaves each PDF.
+    pdf_dir = settings.runs_dir / run_id / "pdf"
+    pdf_dir.mkdir(parents=True)
+    plaintext, keyring = pdf.read_bytes(), load_keyring(settings.data_dir)
+    for n in range(count):
+        write_encrypted(pdf_dir / f"{run_id}-{n}.pdf", plaintext, keyring, f"{run_id}-{n}")
     now = datetime.now(UTC)
     with sessions.begin() as session:
         session.add(Run(run_id=run_id, started_at=now, drop="bench"))
@@ -162,7 +154,7 @@ def seed(settings: Settings, run_id: str, count: int, pdf: Path) -> None:
         file_id = session.scalars(select(InputFile.file_id).where(InputFile.run_id == run_id)).one()
         statements = [dict(statement_id=f"{run_id}-{n}", run_id=run_id, file_id=file_id,
                            member_id=f"B{n}", channel="email", email=f"member{n}@example.org",
-                           claim_lines=1, member_owes=0, pdf_path="pdf/eob.pdf")
+                           claim_lines=1, member_owes=0, pdf_path=f"pdf/{run_id}-{n}.pdf")
                       for n in range(count)]  # fmt: skip
         session.execute(insert(Statement), statements)
         session.execute(insert(Message), [

@@ -145,10 +145,20 @@ def smtp_server(
         controller.stop()
 
 
-def policy_toml(ips: Sequence[str], connections_per_ip: int, fallback: str = "notification") -> str:
-    """The shipped policy's delivery/TLS/retry settings over `ips`, fully warmed, fast."""
+def policy_toml(
+    ips: Sequence[str],
+    connections_per_ip: int,
+    fallback: str = "notification",
+    *,
+    rate_per_ip: float = 10000.0,
+    messages_per_connection: int = 500,
+    dkim_key_file: str = "",
+) -> str:
+    """The shipped policy's delivery/TLS/retry settings over `ips`, fully warmed, fast.
+    Also the Postfix benchmark's policy (benchmarks/send_postfix.py)."""
     shipped = (REPO / "config" / "sending.toml").read_text().split("[[pool]]", 1)[0]
     shipped = shipped.replace('fallback = "notification"', f'fallback = "{fallback}"')
+    shipped = shipped.replace('key_file = ""', f'key_file = "{dkim_key_file}"')
     pool = "".join(f'[[pool]]\naddress = "{ip}"\nehlo_name = "mta{i}.test"\nweight = 1\n\n'
                    for i, ip in enumerate(ips))  # fmt: skip
     return (
@@ -162,8 +172,8 @@ daily_cap = [1000000]
 domains = []
 mx_suffixes = []
 max_connections_per_ip = {connections_per_ip}
-max_messages_per_connection = 500
-max_rate_per_ip = 10000.0
+max_messages_per_connection = {messages_per_connection}
+max_rate_per_ip = {rate_per_ip}
 """
     )
 
