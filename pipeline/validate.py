@@ -163,28 +163,38 @@ def validate_file(
 
 
 def _batches(parsed: Path, kind: str, roster: pa.Table | None) -> Iterator[pa.RecordBatch]:
+    known = _roster_for_join(roster) if kind == "claims" else None
     for batch in pq.ParquetFile(parsed).iter_batches(batch_size=BATCH_ROWS):
-        yield _with_roster(batch, roster) if kind == "claims" else batch
+        yield _with_roster(batch, known) if kind == "claims" else batch
 
 
-def _with_roster(batch: pa.RecordBatch, roster: pa.Table | None) -> pa.RecordBatch:
+def _roster_for_join(roster: pa.Table | None) -> pa.Table | None:
+    """The roster's columns under roster_* names, prepared once per file (None: no roster)."""
+    if roster is None or roster.num_rows == 0:
+        return None
+    return (
+        roster.select(["member_id", *CONTACT, *PREFERENCES])
+        .rename_columns(["member_id", *(f"roster_{c}" for c in CONTACT + PREFERENCES)])
+        .append_column("in_roster", pa.array([True] * roster.num_rows))
+    )
+
+
+def _with_roster(batch: pa.RecordBatch, known: pa.Table | None) -> pa.RecordBatch:
     """Fill empty contact columns from the roster; add the member's delivery preferences.
 
     A member the roster knows gets its consent (absent means no); a member it does not know
     keeps consent empty, meaning the extract's email address is the member's e-delivery choice.
     """
     table = pa.Table.from_batches([batch])
-    if roster is None or roster.num_rows == 0:
+    if known is None:
         consent = pa.nulls(batch.num_rows, pa.bool_())
         language = pa.nulls(batch.num_rows, pa.string())
         return pa.RecordBatch.from_arrays(
             [*batch.columns, consent, language], names=[*batch.schema.names, *PREFERENCES]
         )
-    known = (
-        roster.select(["member_id", *CONTACT, *PREFERENCES])
-        .rename_columns(["member_id", *(f"roster_{c}" for c in CONTACT + PREFERENCES)])
-        .append_column("in_roster", pa.array([True] * roster.num_rows))
-    )
+    # Only this batch's members join: hashing the whole roster for every batch would cost a
+    # pass over millions of rows per batch.
+    known = known.filter(pc.is_in(known["member_id"], value_set=batch.column("member_id")))
     joined = table.join(known, "member_id", join_type="left outer").sort_by(ROW)
     columns = {name: joined[name] for name in table.column_names}
     for name in CONTACT:
