@@ -37,11 +37,12 @@ def test_review_commands_work_the_case(tmp_path, monkeypatch):
     from pipeline.config import Settings
     from pipeline.ledger import open_ledger
     from pipeline.ledger.models import ConsoleUser, ResendCase
-    from tests.test_cases import _hard_bounced_case, _seed
+    from tests.ledger_seed import seed_run_and_file
+    from tests.test_cases import _hard_bounced_case
 
     settings = Settings(data_dir=tmp_path / "data")
     with open_ledger(settings.ledger_url).begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         case_id = _hard_bounced_case(session).case_id
     monkeypatch.setenv("EOB_DATA_DIR", str(settings.data_dir))
     runner = CliRunner()

@@ -23,7 +23,8 @@ from pipeline.console.auth import Role, add_user, mask_email
 from pipeline.demo import free_port
 from pipeline.ledger import open_ledger
 from pipeline.ledger.models import AuditEvent, ResendCase
-from tests.test_cases import _hard_bounced_case, _seed
+from tests.ledger_seed import seed_run_and_file
+from tests.test_cases import _hard_bounced_case
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -46,7 +47,7 @@ def console(tmp_path: Path) -> Iterator[tuple[str, Settings, str]]:
     settings = Settings(data_dir=tmp_path / "data")
     sessions = open_ledger(settings.ledger_url)
     with sessions.begin() as session:
-        _seed(session)
+        seed_run_and_file(session)
         case_id = _hard_bounced_case(session).case_id
         for name, role in (("alice", Role.OPERATOR), ("bob", Role.APPROVER), ("vic", Role.VIEWER)):
             add_user(session, name, PASSWORD, role, actor="test")
