@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.csv as pacsv
 
+from pipeline.atrest import new_key_line, parse_keys
 from pipeline.contracts import load_contract
 from pipeline.ingest import ingest_file
 from pipeline.validate import load_suite, validate_file
@@ -36,6 +37,8 @@ def main() -> None:
             check=True,
         )  # fmt: skip
         load_suite("claim_line")  # the GX context is built once per process, outside the timing
+        # The intermediates are encrypted at rest as in the runner (pipeline.atrest_parquet).
+        keyring = parse_keys(new_key_line("bench"), source="benchmark")
 
         started = time.perf_counter()
         for _ in pacsv.open_csv(extract):
@@ -45,13 +48,13 @@ def main() -> None:
         started, cpu_started = time.perf_counter(), _cpu_seconds()
         result = ingest_file(extract, parsed_out=Path(tmp) / "parsed.parquet",
                              quarantine_out=Path(tmp) / "pq.parquet", fmt="csv", columns={},
-                             contract=load_contract("claim_line"))  # fmt: skip
+                             contract=load_contract("claim_line"), keyring=keyring)  # fmt: skip
         typed = time.perf_counter()
         verdict = validate_file(
             kind="claims", file_name=extract.name, parsed=Path(tmp) / "parsed.parquet",
             parse_quarantine=Path(tmp) / "pq.parquet", accepted_out=Path(tmp) / "acc.parquet",
             quarantine_out=Path(tmp) / "q.parquet", rows_in=result.rows_in,
-            run_date=date(2026, 11, 22), roster=None, max_bad_row_share=1.0,
+            run_date=date(2026, 11, 22), roster=None, max_bad_row_share=1.0, keyring=keyring,
         )  # fmt: skip
         ours, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
 

@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.atrest import Keyring
+from pipeline.atrest_parquet import open_writer
 from pipeline.contracts import Contract, ContractField, load_contract
 from pipeline.errors import FileRejected
 
@@ -77,8 +79,10 @@ def ingest_file(
     fmt: str,
     columns: Mapping[str, str],
     contract: Contract,
+    keyring: Keyring,
 ) -> IngestResult:
-    """Type every record of `path` onto `contract`, streaming; write typed rows and reasons.
+    """Type every record of `path` onto `contract`, streaming; write typed rows and reasons,
+    both encrypted at rest under `keyring` (pipeline.atrest_parquet).
 
     `columns` maps the file's own column names to contract field names (identity otherwise).
     """
@@ -87,8 +91,8 @@ def ingest_file(
     rows_in = rows_typed = 0
     try:
         with (
-            pq.ParquetWriter(parsed_tmp, typed_schema) as parsed,
-            pq.ParquetWriter(quarantine_tmp, quarantine_schema()) as quarantine,
+            open_writer(parsed_tmp, typed_schema, keyring) as parsed,
+            open_writer(quarantine_tmp, quarantine_schema(), keyring) as quarantine,
         ):
             for text, reasons in read_text_batches(
                 path, fmt=fmt, columns=columns, contract=contract

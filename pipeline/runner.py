@@ -14,18 +14,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import uuid4
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import bounces, cases, collect, datasets, reconcile
+from pipeline import atrest_parquet, bounces, cases, collect, datasets, reconcile
 from pipeline.atrest import Keyring, load_keyring, read_decrypted, reencrypt, write_encrypted
 from pipeline.compose import compose_eob_email, compose_portal_notice
 from pipeline.config import Settings
@@ -105,6 +104,11 @@ class RunContext:
 
     def file_dir(self, file_id: int) -> Path:
         return self.run_dir / "files" / str(file_id)
+
+    @cached_property
+    def keyring(self) -> Keyring:
+        # Loaded once per step: the intermediates of every file of the step use it.
+        return load_keyring(self.settings.data_dir)
 
 
 @cache
@@ -260,6 +264,7 @@ def _ingest_one(ctx: RunContext, record: InputFile, dropped: DroppedFile) -> int
         fmt=fmt,
         columns=profile.columns,
         contract=load_contract("roster" if dropped.kind == "roster" else "claim_line"),
+        keyring=ctx.keyring,
     )
     record.rows_in = result.rows_in
     return result.rows_in
@@ -304,7 +309,11 @@ def _validate(ctx: RunContext) -> dict[str, int]:
         for record in pending:
             out = ctx.file_dir(record.file_id)
             roster_path = ctx.settings.rosters_dir / f"{record.insurer}.parquet"
-            roster = pq.read_table(roster_path) if roster_path.exists() else None
+            roster = (
+                atrest_parquet.read_table(roster_path, ctx.keyring)
+                if roster_path.exists()
+                else None
+            )
             verdict = validate_file(
                 kind=record.kind,
                 file_name=record.file_name,
@@ -316,6 +325,7 @@ def _validate(ctx: RunContext) -> dict[str, int]:
                 run_date=datetime.now(UTC).date(),
                 roster=roster if record.kind == "claims" else None,
                 max_bad_row_share=load_profile(record.insurer).max_bad_row_share,
+                keyring=ctx.keyring,
             )
             counts["files"] += 1
             if verdict.rejection:
@@ -324,14 +334,15 @@ def _validate(ctx: RunContext) -> dict[str, int]:
                     session,
                     record,
                     verdict.rejection,
-                    quarantine=pq.read_table(out / "quarantine.parquet"),
+                    quarantine=atrest_parquet.read_table(out / "quarantine.parquet", ctx.keyring),
                 )
                 counts["rejected"] += 1
                 continue
             record.rows_accepted, record.rows_quarantined = verdict.accepted, verdict.quarantined
             record.status = "validated"
             if record.kind == "roster":
-                _merge_roster(roster_path, roster, pq.read_table(out / "accepted.parquet"))
+                accepted = atrest_parquet.read_table(out / "accepted.parquet", ctx.keyring)
+                _merge_roster(roster_path, roster, accepted, ctx.keyring)
             audit(
                 session,
                 "file_validated",
@@ -346,7 +357,7 @@ def _validate(ctx: RunContext) -> dict[str, int]:
     return counts
 
 
-def _merge_roster(path: Path, current: pa.Table | None, newer: pa.Table) -> None:
+def _merge_roster(path: Path, current: pa.Table | None, newer: pa.Table, keyring: Keyring) -> None:
     """The insurer's roster: one row per member, the newest file's row winning."""
     newer = newer.drop_columns([ROW])
     if current is not None:
@@ -354,7 +365,7 @@ def _merge_roster(path: Path, current: pa.Table | None, newer: pa.Table) -> None
         newer = pa.concat_tables([older, newer])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(newer, tmp)
+    atrest_parquet.write_table(newer, tmp, keyring)
     tmp.replace(path)
 
 
@@ -399,7 +410,7 @@ def _render(ctx: RunContext) -> dict[str, int]:
     passwords: dict[str, str] = {}
     # Print-channel statements of the run, in member order: statement id -> ZIP code.
     to_print: dict[str, str] = {}
-    keyring = load_keyring(ctx.settings.data_dir)
+    keyring = ctx.keyring
     with ctx.sessions() as session:
         pending = []
         for _, doc in _run_statements(ctx, session):
@@ -851,8 +862,9 @@ def _consents(ctx: RunContext, session: Session) -> dict[str, bool | None]:
     """Member -> e-delivery consent from the roster join (None: no roster row for the member)."""
     consents: dict[str, bool | None] = {}
     for record in _run_files(session, ctx.run_id, "validated", kind="claims"):
-        table = pq.read_table(
+        table = atrest_parquet.read_table(
             ctx.file_dir(record.file_id) / "accepted.parquet",
+            ctx.keyring,
             columns=["member_id", "edelivery_consent"],
         )
         consents.update(
@@ -863,7 +875,9 @@ def _consents(ctx: RunContext, session: Session) -> dict[str, bool | None]:
 
 def _run_statements(ctx: RunContext, session: Session) -> Iterator[tuple[InputFile, StatementDoc]]:
     for record in _run_files(session, ctx.run_id, "validated", kind="claims"):
-        accepted = pq.read_table(ctx.file_dir(record.file_id) / "accepted.parquet")
+        accepted = atrest_parquet.read_table(
+            ctx.file_dir(record.file_id) / "accepted.parquet", ctx.keyring
+        )
         for doc in build_statements(accepted, file_sha256=record.sha256):
             yield record, doc
 

@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.atrest import Keyring
+from pipeline.atrest_parquet import open_reader, open_writer, read_table, write_table
 from pipeline.contracts import SCHEMAS_DIR, Contract, load_contract
 from pipeline.errors import AccountingError
 from pipeline.ingest import ROW, quarantine_reason, quarantine_schema
@@ -108,17 +110,19 @@ def validate_file(
     run_date: date,
     roster: pa.Table | None,
     max_bad_row_share: float,
+    keyring: Keyring,
 ) -> FileVerdict:
-    """Validate a parsed file (ingest's output) and write its accepted rows and reasons."""
+    """Validate a parsed file (ingest's output) and write its accepted rows and reasons; every
+    file read and written is encrypted at rest under `keyring` (pipeline.atrest_parquet)."""
     contract = load_contract("roster" if kind == "roster" else "claim_line")
     rules = roster_rules() if kind == "roster" else claim_line_rules()
-    reasons: list[dict[str, object]] = pq.read_table(parse_quarantine).to_pylist()
+    reasons: list[dict[str, object]] = read_table(parse_quarantine, keyring).to_pylist()
     accepted_tmp = accepted_out.with_name(f".{accepted_out.name}.tmp")
     writer: pq.ParquetWriter | None = None
     keys = _DUPLICATE_KEYS[kind]
     fingerprints: list[np.ndarray] = []
     try:
-        for batch in _batches(parsed, kind, roster):
+        for batch in _batches(open_reader(parsed, keyring), kind, roster):
             failures = _gx_failures(batch, contract, file_name) + _rule_failures(
                 batch, rules, file_name, run_date
             )
@@ -127,23 +131,25 @@ def validate_file(
             reasons += failures
             failed = pa.array({r["row_number"] for r in failures}, pa.int64())
             good = batch.filter(pc.invert(pc.is_in(batch.column(ROW), value_set=failed)))
-            writer = writer or pq.ParquetWriter(accepted_tmp, good.schema)
+            writer = writer or open_writer(accepted_tmp, good.schema, keyring)
             writer.write_batch(good)
             fingerprints.append(_fingerprints(good, keys))
     finally:
         if writer is not None:
             writer.close()
     if fingerprints:
-        reasons += _drop_duplicates(accepted_tmp, kind, file_name, np.concatenate(fingerprints))
+        reasons += _drop_duplicates(
+            accepted_tmp, kind, file_name, np.concatenate(fingerprints), keyring
+        )
 
     quarantined = len({r["row_number"] for r in reasons})
-    accepted = pq.ParquetFile(accepted_tmp).metadata.num_rows if accepted_tmp.exists() else 0
+    accepted = open_reader(accepted_tmp, keyring).metadata.num_rows if accepted_tmp.exists() else 0
     if rows_in != accepted + quarantined:
         accepted_tmp.unlink(missing_ok=True)
         raise AccountingError(
             f"{file_name}: {rows_in} rows in, {accepted} accepted + {quarantined} quarantined"
         )
-    pq.write_table(pa.Table.from_pylist(reasons, schema=quarantine_schema()), quarantine_out)
+    write_table(pa.Table.from_pylist(reasons, schema=quarantine_schema()), quarantine_out, keyring)
     if rows_in and quarantined / rows_in > max_bad_row_share:
         accepted_tmp.unlink(missing_ok=True)
         return FileVerdict(
@@ -158,13 +164,15 @@ def validate_file(
     if accepted_tmp.exists():
         accepted_tmp.replace(accepted_out)
     else:
-        pq.write_table(_empty_accepted(contract, kind), accepted_out)
+        write_table(_empty_accepted(contract, kind), accepted_out, keyring)
     return FileVerdict(rows_in, accepted, quarantined, None)
 
 
-def _batches(parsed: Path, kind: str, roster: pa.Table | None) -> Iterator[pa.RecordBatch]:
+def _batches(
+    parsed: pq.ParquetFile, kind: str, roster: pa.Table | None
+) -> Iterator[pa.RecordBatch]:
     known = _roster_for_join(roster) if kind == "claims" else None
-    for batch in pq.ParquetFile(parsed).iter_batches(batch_size=BATCH_ROWS):
+    for batch in parsed.iter_batches(batch_size=BATCH_ROWS):
         yield _with_roster(batch, known) if kind == "claims" else batch
 
 
@@ -299,7 +307,7 @@ def _fingerprints(batch: pa.RecordBatch, keys: list[str]) -> np.ndarray:
 
 
 def _drop_duplicates(
-    accepted: Path, kind: str, file_name: str, fingerprints: np.ndarray
+    accepted: Path, kind: str, file_name: str, fingerprints: np.ndarray, keyring: Keyring
 ) -> list[dict[str, object]]:
     """Quarantine repeated lines and rewrite the accepted file without them.
 
@@ -316,8 +324,8 @@ def _drop_duplicates(
     in_group[1:] |= same_as_previous
     in_group[:-1] |= same_as_previous
     candidates = pa.array(ranked["row"][in_group])
-    rows = pq.read_table(
-        accepted, columns=[*keys, ROW], filters=pc.is_in(pc.field(ROW), candidates)
+    rows = read_table(
+        accepted, keyring, columns=[*keys, ROW], filters=pc.is_in(pc.field(ROW), candidates)
     )
     # Among rows with equal keys the first (claims) or the last (rosters) stays.
     agg = "min" if kind == "claims" else "max"
@@ -326,8 +334,9 @@ def _drop_duplicates(
     if len(dropped) == 0:
         return []
     rewritten = accepted.with_name(accepted.name + ".dedup")
-    with pq.ParquetWriter(rewritten, pq.read_schema(accepted)) as writer:
-        for batch in pq.ParquetFile(accepted).iter_batches(batch_size=BATCH_ROWS):
+    source = open_reader(accepted, keyring)
+    with open_writer(rewritten, source.schema_arrow, keyring) as writer:
+        for batch in source.iter_batches(batch_size=BATCH_ROWS):
             writer.write_batch(batch.filter(pc.invert(pc.is_in(batch.column(ROW), dropped))))
     rewritten.replace(accepted)
     rule, message = (

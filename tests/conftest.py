@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pipeline.atrest import new_key_line, parse_keys
 from pipeline.config import Settings
 from pipeline.demo import free_port, unknown_mailboxes
 from pipeline.sink import start_sink
@@ -20,6 +21,8 @@ SHARED_DATA = next(
     (p / "shared" / "data" for p in (REPO.parent, REPO.parent.parent) if (p / "shared").is_dir()),
     REPO.parent / "shared" / "data",
 )
+# For stage functions called directly (the runner loads the data directory's keyring).
+TEST_KEYRING = parse_keys(new_key_line("test"), source="tests")
 PG_ADMIN = os.environ.get("EOB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 

@@ -135,3 +135,6 @@ def test_a_roster_drop_supplies_contact_and_consent(settings, tmp_path):
     assert counts["validate_files"] == 2
     # Okafor said no to e-delivery: print. Without a roster row, the extract's address counts.
     assert statements == {"email": 10, "print": 2}
+    # The insurer's merged roster rests encrypted in the data directory.
+    stored = (settings.rosters_dir / "acme.parquet").read_bytes()
+    assert stored.startswith(b"PARE") and b"sam.okafor@example.com" not in stored

@@ -16,7 +16,7 @@ import pytest
 from pipeline.contracts import load_contract
 from pipeline.errors import FileRejected
 from pipeline.fhir import SOURCE, read_fhir_claim_lines
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, TEST_KEYRING
 
 CARIN = SHARED_DATA / "fhir" / "carin-bb"
 BB = SHARED_DATA / "fhir" / "bluebutton2"
@@ -468,8 +468,7 @@ def test_fhir_samples_stream_through_ingest_onto_the_typed_contract(tmp_path: Pa
     from datetime import date
     from decimal import Decimal
 
-    import pyarrow.parquet as pq
-
+    from pipeline.atrest_parquet import read_table
     from pipeline.contracts import load_contract
     from pipeline.ingest import detect_format, ingest_file
     from pipeline.validate import validate_file
@@ -491,8 +490,9 @@ def test_fhir_samples_stream_through_ingest_onto_the_typed_contract(tmp_path: Pa
         fmt="fhir",
         columns={},
         contract=load_contract("claim_line"),
+        keyring=TEST_KEYRING,
     )
-    typed = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    typed = read_table(tmp_path / "p.parquet", TEST_KEYRING).to_pylist()
     assert (result.rows_in, result.rows_typed) == (7, 7)
     first = typed[0]
     assert (first["member_id"], first["claim_id"], first["service_date"]) == (
@@ -523,8 +523,9 @@ def test_fhir_samples_stream_through_ingest_onto_the_typed_contract(tmp_path: Pa
         run_date=date(2026, 11, 22),
         roster=None,
         max_bad_row_share=1.0,
+        keyring=TEST_KEYRING,
     )
-    reasons = pq.read_table(tmp_path / "q.parquet").to_pylist()
+    reasons = read_table(tmp_path / "q.parquet", TEST_KEYRING).to_pylist()
     assert verdict.rows_in == verdict.accepted + len({r["row_number"] for r in reasons})
     # Without a roster nobody has a name, so every row is held back, each for a named rule.
     assert verdict.accepted == 0

@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pipeline.ingest
+from pipeline.atrest_parquet import read_table
 from pipeline.contracts import load_contract
 from pipeline.errors import FileRejected
 from pipeline.ingest import ingest_file
 from pipeline.validate import FileVerdict, validate_file
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_KEYRING
 
 SAMPLE = REPO / "data_samples" / "landing" / "acme" / "claims_2026-10.csv"
 HEADER = SAMPLE.read_text(encoding="utf-8").splitlines()[0].split(",")
@@ -54,21 +55,22 @@ def check(
     out = path.parent / f"{path.name}.out"
     result = ingest_file(
         path, parsed_out=out / "parsed.parquet", quarantine_out=out / "pq.parquet", fmt=fmt,
-        columns=columns or {},
+        columns=columns or {}, keyring=TEST_KEYRING,
         contract=load_contract("roster" if kind == "roster" else "claim_line"),
     )  # fmt: skip
     verdict = validate_file(
         kind=kind, file_name=path.name, parsed=out / "parsed.parquet",
         parse_quarantine=out / "pq.parquet", accepted_out=out / "accepted.parquet",
         quarantine_out=out / "quarantine.parquet", rows_in=result.rows_in, run_date=RUN_DATE,
-        roster=roster, max_bad_row_share=share,
+        roster=roster, max_bad_row_share=share, keyring=TEST_KEYRING,
     )  # fmt: skip
     assert verdict.rows_in == result.rows_in
-    return verdict, pq.read_table(out / "quarantine.parquet").to_pylist()
+    return verdict, read_table(out / "quarantine.parquet", TEST_KEYRING).to_pylist()
 
 
 def accepted_rows(path: Path) -> list[dict[str, object]]:
-    return pq.read_table(path.parent / f"{path.name}.out" / "accepted.parquet").to_pylist()
+    accepted = path.parent / f"{path.name}.out" / "accepted.parquet"
+    return read_table(accepted, TEST_KEYRING).to_pylist()
 
 
 def test_sample_drop_accounts_for_every_row(tmp_path):
@@ -327,8 +329,10 @@ def _accounted_or_rejected(tmp_path: Path, content: bytes, *, validate: bool) ->
                 fmt="csv",
                 columns={},
                 contract=load_contract("claim_line"),
+                keyring=TEST_KEYRING,
             )
-            held_back = {r["row_number"] for r in pq.read_table(out / "q.parquet").to_pylist()}
+            reasons = read_table(out / "q.parquet", TEST_KEYRING).to_pylist()
+            held_back = {r["row_number"] for r in reasons}
             assert result.rows_in == result.rows_typed + len(held_back)
     except FileRejected as err:
         assert err.file_name == "mutated.csv" and err.reason

@@ -9,6 +9,7 @@ import mailbox
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 from pypdf import PdfReader
 from sqlalchemy import select
@@ -105,6 +106,27 @@ def test_sample_drop_end_to_end(sink: Settings, tmp_path: Path, caplog: pytest.L
                            f"{run_id}:print/batch.pdf")  # fmt: skip
     assert len(manifest.splitlines()) == 2
     assert "Explanation of Benefits" in PdfReader(io.BytesIO(batch)).pages[0].extract_text()
+
+    # The stages' parquet intermediates rest encrypted; the analysts' datasets stay plaintext
+    # for DuckDB and hold no PHI.
+    intermediates = list(sink.runs_dir.glob(f"{run_id}/files/*/*.parquet"))
+    assert sorted(p.name for p in intermediates) == [
+        "accepted.parquet",
+        "parse_quarantine.parquet",
+        "parsed.parquet",
+        "quarantine.parquet",
+    ]
+    for path in intermediates:
+        blob = path.read_bytes()
+        assert blob.startswith(b"PARE"), path.name
+        assert not {value for value in phi_values() if value.encode() in blob}, path.name
+    dataset_files = list(sink.datasets_dir.rglob("*.parquet"))
+    assert {p.relative_to(sink.datasets_dir).parts[0] for p in dataset_files} == {
+        "delivery_facts", "audit_events"}  # fmt: skip
+    for path in dataset_files:
+        assert path.read_bytes().startswith(b"PAR1"), path.name
+        cells = str(pq.read_table(path).to_pylist())
+        assert not {value for value in phi_values() if value in cells}, path.name
 
     # PHI never reaches a log line.
     logged = "\n".join(r.getMessage() for r in caplog.records)
