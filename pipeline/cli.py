@@ -108,7 +108,7 @@ def decrypt(settings: Settings, path: Path) -> None:
 )
 @click.pass_obj
 def rekey(settings: Settings, new_dev_key: bool) -> None:
-    """Re-encrypt every PDF and print file at rest under the active key (key rotation)."""
+    """Re-encrypt every PDF, print file and parquet intermediate at rest under the active key."""
     from pipeline.atrest import add_dev_key
     from pipeline.runner import rekey as rekey_files
 

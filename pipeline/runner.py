@@ -481,14 +481,20 @@ def _encrypted_context(path: Path) -> str:
 
 
 def rekey(settings: Settings) -> dict[str, int]:
-    """Re-encrypt every encrypted file of every run under the active key (key rotation); the
-    old key can be retired once this reports nothing left under it."""
+    """Re-encrypt every encrypted file of every run, and the rosters, under the active key (key
+    rotation); the old key can be retired once this reports nothing left under it. Parquet
+    intermediates are rewritten (also those written before they were encrypted)."""
     keyring = load_keyring(settings.data_dir)
     counts = {"reencrypted": 0, "already_current": 0}
     for path in sorted(settings.runs_dir.glob("*/pdf/*.pdf")) + sorted(
         settings.runs_dir.glob("*/print/*")
     ):
         changed = reencrypt(path, keyring, _encrypted_context(path))
+        counts["reencrypted" if changed else "already_current"] += 1
+    for path in sorted(settings.runs_dir.glob("*/files/*/*.parquet")) + sorted(
+        settings.rosters_dir.glob("*.parquet")
+    ):
+        changed = atrest_parquet.rekey(path, keyring)
         counts["reencrypted" if changed else "already_current"] += 1
     return counts
 

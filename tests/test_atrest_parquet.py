@@ -9,10 +9,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
 from pipeline import atrest
-from pipeline.atrest import DecryptionError, parse_keys
+from pipeline.atrest import DecryptionError, load_keyring, parse_keys
 from pipeline.atrest_parquet import key_id_of, open_reader, open_writer, read_table, rekey
+from pipeline.cli import main
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
 KEY_B = base64.b64encode(bytes(range(32, 64))).decode()
@@ -114,3 +116,23 @@ def test_rotation_rewrites_under_the_new_key(tmp_path: Path) -> None:
     assert read_table(path, ONLY_B).equals(MEMBERS)
     with pytest.raises(DecryptionError, match="key 'b1', not in the keyring"):
         read_table(path, RING_A)
+
+
+def test_rekey_command_rewrites_run_intermediates_and_rosters(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    old = load_keyring(data_dir, {})
+    intermediate = data_dir / "runs" / "r1" / "files" / "7" / "accepted.parquet"
+    roster = data_dir / "rosters" / "acme.parquet"
+    for path in (intermediate, roster):
+        path.parent.mkdir(parents=True)
+        write_members(path, old)
+
+    environment = {"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: ""}
+    result = CliRunner().invoke(main, ["rekey", "--new-dev-key"], env=environment)
+
+    assert result.exit_code == 0, result.output
+    new = load_keyring(data_dir, {})
+    only_new = atrest.Keyring({new.active_id: new.keys[new.active_id]}, new.active_id)
+    for path in (intermediate, roster):
+        assert key_id_of(path, only_new) == new.active_id != old.active_id
+        assert read_table(path, only_new).equals(MEMBERS)
