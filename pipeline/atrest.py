@@ -1,4 +1,5 @@
-"""Encryption at rest: AES-256-GCM for the PHI files the pipeline writes (PDFs, print batches).
+"""Encryption at rest: AES-256-GCM for the PHI files the pipeline writes (PDFs, print batches;
+the parquet intermediates use this keyring through pipeline.atrest_parquet).
 
 Keys come from the environment, never from the repository:
 
