@@ -249,7 +249,7 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
             *((r, Finality.FAILED) for r in sorted(permanent)),
             *((r, Finality.DELAYED) for r in sorted(temporary)),
         ]
-        or [(r, None) for r in _named_original_recipients(message, human)]
+        or [(r, None) for r in _named_recipients(message, human)]
         or [(None, None)]
     )
     others = [r for r, _ in found if r]
@@ -330,14 +330,42 @@ def _non_standard(
     stage = smtp_stage(text)
     finality = finality or _text_finality(text)
     bounce_class = classify(status, text, stage)
+    if bounce_class == BounceClass.UNKNOWN and recipient and len(recipients) <= 1:
+        # A one-recipient report may give the reason before naming the address.
+        bounce_class = classify(status, human, stage)
     if bounce_class == BounceClass.UNKNOWN and finality == Finality.DELAYED:
         # A delay warning whose words no rule explains is still a temporary problem.
         bounce_class = BounceClass.SOFT_BOUNCE
     return _Finding(recipient, status, _excerpt(text), bounce_class, finality, stage)
 
 
-def _named_original_recipients(message: Message, human: str) -> list[str]:
-    """Addresses the returned original was sent to that the report's own words name."""
+def _named_recipients(message: Message, human: str) -> list[str]:
+    """The recipients a report in an unknown format names, for want of a detector that knows it.
+
+    Addresses the returned original was sent to that the report's own words name; else the
+    addresses its lines begin with ("<address>: reason") or give as "RCPT TO:"; never the
+    report's own sender or recipient (the original's sender).
+    """
+    lowered = human.lower()
+    named = {a for a in _original_recipients(message) if a.lower() in lowered}
+    if not named:
+        own = {
+            a.lower()
+            for _, a in getaddresses(
+                [str(v) for h in ("From", "To", "Return-Path") for v in message.get_all(h) or []]
+            )
+        }
+        named = {a for a in _LISTED_ADDRESS.findall(human) if a.lower() not in own}
+    return sorted(named, key=str.lower)
+
+
+# An address that begins a line of a report, or follows "RCPT TO:" in a transcript.
+_LISTED_ADDRESS = re.compile(
+    r"(?:^|rcpt to:)\s*<?([\w.+'=-]+@[\w-]+(?:\.[\w-]+)+)>?", re.IGNORECASE | re.MULTILINE
+)
+
+
+def _original_recipients(message: Message) -> list[str]:
     original = _part(message, "message/rfc822") or _part(message, "text/rfc822-headers")
     headers: Message | None = None
     if original is not None:
@@ -349,11 +377,7 @@ def _named_original_recipients(message: Message, human: str) -> list[str]:
     if headers is None:
         return []
     fields = [str(v) for name in ("To", "Cc") for v in headers.get_all(name) or []]
-    lowered = human.lower()
-    return sorted(
-        {a for _, a in getaddresses(fields) if "@" in a and a.lower() in lowered},
-        key=str.lower,
-    )
+    return [a for _, a in getaddresses(fields) if "@" in a]
 
 
 def _verp_token(message: Message, domain: str) -> str | None:
@@ -510,9 +534,9 @@ def _about(text: str, recipient: str, recipients: Sequence[str] = (), span: int 
         next_at = lowered.find(other.lower(), at + len(recipient))
         if other.lower() == recipient.lower() or not 0 <= next_at < end:
             continue
-        # Another recipient's line ends ours; one named on our line ("generated from") not.
+        # A line that begins with another recipient ends ours; "(generated from <other>)" not.
         other_line = text.rfind("\n", 0, next_at) + 1
-        if other_line > at:
+        if other_line > at and not text[other_line:next_at].strip(" <\"'"):
             end = other_line
     return _flat(text[line_start:end])
 
