@@ -165,8 +165,9 @@ class Result:
     # Per (corpus, expected label).
     agreed: Counter[tuple[str, str]]
     total: Counter[tuple[str, str]]
-    recipients_found: int
-    recipients_expected: int
+    # Per corpus: labelled bounced recipients, and those a report of ours names.
+    recipients_found: Counter[str]
+    recipients_expected: Counter[str]
     mismatches: list[tuple[Row, BounceReport]]
 
     @property
@@ -186,11 +187,14 @@ class Result:
 
     @property
     def recipient_share(self) -> float:
-        return self.recipients_found / self.recipients_expected
+        return sum(self.recipients_found.values()) / sum(self.recipients_expected.values())
+
+    def corpus_recipient_share(self, corpus: str) -> float:
+        return self.recipients_found[corpus] / self.recipients_expected[corpus]
 
 
 def measure(rows: list[Row], judge: Callable[[BounceReport], BounceReport] = lambda r: r) -> Result:
-    result = Result(Counter(), Counter(), 0, 0, [])
+    result = Result(Counter(), Counter(), Counter(), Counter(), [])
     parsed: dict[Path, list[BounceReport]] = {}
     for row in rows:
         if row.path not in parsed:
@@ -200,8 +204,8 @@ def measure(rows: list[Row], judge: Callable[[BounceReport], BounceReport] = lam
         wanted = (row.recipient or "").lower()
         named = [r for r in reports if r.recipient and r.recipient.lower() == wanted]
         if wanted and row.expected not in {B.COMPLAINT, B.NOT_BOUNCE}:
-            result.recipients_expected += 1
-            result.recipients_found += bool(named)
+            result.recipients_expected[row.corpus] += 1
+            result.recipients_found[row.corpus] += bool(named)
         report = (named or reports)[0]
         ok = agrees(row, report, reports)
         result.total[row.corpus, row.expected] += 1
@@ -244,7 +248,10 @@ def main() -> None:
         f"flufl.bounce {ours.corpus_agreement('flufl.bounce'):.1%}); "
         f"baseline (status class only) {base.agreement:.1%}; "
         f"ratio {ours.agreement / base.agreement:.2f}; "
-        f"recipients extracted {ours.recipient_share:.1%}; peak RSS {rss_mib:.0f} MiB"
+        f"recipients extracted {ours.recipient_share:.1%} "
+        f"(sisimai {ours.corpus_recipient_share('sisimai'):.1%}, "
+        f"flufl.bounce {ours.corpus_recipient_share('flufl.bounce'):.1%}); "
+        f"peak RSS {rss_mib:.0f} MiB"
     )
 
 

@@ -281,9 +281,10 @@ def smtp_rejection(code: int, reply: str) -> tuple[str | None, BounceClass]:
 
 def _dsn_block(block: Message, human: str) -> _Finding:
     recipient = _address(block.get("Final-Recipient") or block.get("Original-Recipient"))
-    # Some MTAs add a comment after the code: "4.4.1 (no answer from host)".
-    status = enhanced_status(block.get("Status"))
     diagnostic = _unfold(block.get("Diagnostic-Code"))
+    # Some MTAs add a comment after the code: "4.4.1 (no answer from host)"; some give none
+    # but quote the server's own in the diagnostic.
+    status = enhanced_status(block.get("Status")) or enhanced_status(diagnostic, failures_only=True)
     explanation = _about(human, recipient) if recipient else human
     finality = _dsn_finality(str(block.get("Action") or ""), status, explanation)
     if finality == Finality.DELIVERED:
