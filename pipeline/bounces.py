@@ -280,7 +280,11 @@ def smtp_rejection(code: int, reply: str) -> tuple[str | None, BounceClass]:
 
 
 def _dsn_block(block: Message, human: str) -> _Finding:
-    recipient = _address(block.get("Final-Recipient") or block.get("Original-Recipient"))
+    # Original-Recipient is the address we sent to; Final-Recipient may be after aliasing, or
+    # in another address type (X.400).
+    recipient = _rfc822_address(block.get("Original-Recipient")) or _address(
+        block.get("Final-Recipient")
+    )
     diagnostic = _unfold(block.get("Diagnostic-Code"))
     # Some MTAs add a comment after the code: "4.4.1 (no answer from host)"; some give none
     # but quote the server's own in the diagnostic.
@@ -367,6 +371,7 @@ _LISTED_ADDRESS = re.compile(
 
 
 def _original_recipients(message: Message) -> list[str]:
+    """Whom the returned original was addressed to: attached, or quoted after the report."""
     original = _part(message, "message/rfc822") or _part(message, "text/rfc822-headers")
     headers: Message | None = None
     if original is not None:
@@ -375,6 +380,10 @@ def _original_recipients(message: Message) -> list[str]:
             headers = inner[0]
         elif isinstance(inner, str):
             headers = message_from_bytes(inner.encode("utf-8", "replace"))
+    elif quoted := load_rules().original_marker.search(body := _body_text(message)):
+        # The quote starts at a header ("Received: from") or on the line after a marker.
+        start = quoted.start() if ":" in quoted.group(0) else body.find("\n", quoted.end()) + 1
+        headers = message_from_bytes(body[start:].lstrip().encode("utf-8", "replace"))
     if headers is None:
         return []
     fields = [str(v) for name in ("To", "Cc") for v in headers.get_all(name) or []]
@@ -418,14 +427,16 @@ def _part(message: Message, content_type: str) -> Message | None:
 
 
 def _recipient_blocks(status_part: Message) -> list[Message]:
-    # The first block describes the message; each further block one recipient.
+    """The per-recipient blocks: those naming a recipient (the first block is the message's,
+    but some MTAs, McAfee's, send only the recipient's)."""
     payload = status_part.get_payload()
     if isinstance(payload, list):
-        return [b for b in payload[1:] if isinstance(b, Message)]
-    # Some MTAs send the report as an unparsed string: read its blocks by hand.
-    text = payload if isinstance(payload, str) else ""
-    blocks = [message_from_bytes(b.strip().encode()) for b in re.split(r"\n\s*\n", text)]
-    return [b for b in blocks[1:] if b.get("Final-Recipient") or b.get("Original-Recipient")]
+        blocks = [b for b in payload if isinstance(b, Message)]
+    else:
+        # Some MTAs send the report as an unparsed string: read its blocks by hand.
+        text = payload if isinstance(payload, str) else ""
+        blocks = [message_from_bytes(b.strip().encode()) for b in re.split(r"\n\s*\n", text)]
+    return [b for b in blocks if b.get("Final-Recipient") or b.get("Original-Recipient")]
 
 
 def _feedback_recipients(feedback: Message, message: Message) -> list[str | None]:
@@ -551,10 +562,16 @@ def _excerpt(text: str, limit: int = 500) -> str | None:
 
 
 def _address(field: str | None) -> str | None:
+    """The address of a DSN recipient field: "rfc822; a@example.org", or (McAfee) "<a@...>"."""
     if not field:
         return None
-    _, _, address = str(field).partition(";")
-    return _bare(address)
+    kind, semicolon, address = str(field).partition(";")
+    return _bare(address if semicolon else kind)
+
+
+def _rfc822_address(field: str | None) -> str | None:
+    address = _address(field)
+    return address if address and "@" in address and "/" not in address else None
 
 
 def _bare(address: str) -> str | None:

@@ -383,3 +383,31 @@ def test_a_multipart_whose_boundary_does_not_parse_is_read_as_text():
     [report] = parse_report(raw, return_path_domain=DOMAIN)
     assert report.bounce_class == BounceClass.HARD_BOUNCE
     assert "User Unknown" in (report.diagnostic or "")
+
+
+def test_a_dsn_names_the_address_we_sent_to():
+    """Original-Recipient over an aliased or X.400 Final-Recipient; a bare "<address>"; a block
+    without Status takes the diagnostic's code; a report of one block (McAfee's)."""
+    raw = (
+        b"From: MAILER-DAEMON@mx.example.net\r\nSubject: Delivery Status\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Original-Recipient: <member@example.org>\r\n"
+        b"Final-Recipient: x400; /S=member/O=example/C=GB/\r\nAction: failed\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 <member@example.org>... User unknown\r\n--b--\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert (report.recipient, report.status) == ("member@example.org", "5.1.1")
+    assert report.bounce_class == BounceClass.HARD_BOUNCE
+
+
+def test_the_recipient_of_a_quoted_original_is_named():
+    raw = _non_standard(
+        "There was an error delivering your mail to <gone@example.org>.\r\n\r\n"
+        "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown\r\n\r\n"
+        "Message headers follow.\r\n\r\n"
+        "Received: from root (uid 0) by mx.eob.example.com\r\n"
+        "To: <gone@example.org>\r\nFrom: <statements@eob.example.com>\r\nSubject: s\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert (report.recipient, report.bounce_class) == ("gone@example.org", BounceClass.HARD_BOUNCE)
