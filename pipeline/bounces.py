@@ -237,7 +237,10 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
     # RFC 3834 headers are set on bounces too: they decide only when neither a detector nor
     # the sender and subject say bounce (a null return path does not: replies use one too).
     if not (failure_found or _says_bounce(message)) and _is_auto_reply(message):
-        return [report(0, ReportKind.AUTO_REPLY, _Finding(bounce_class=BounceClass.AUTO_REPLY))]
+        # RFC 3834: the reply comes from the recipient's own address.
+        replier = _bare(str(message.get("From") or ""))
+        auto_reply = _Finding(replier, bounce_class=BounceClass.AUTO_REPLY)
+        return [report(0, ReportKind.AUTO_REPLY, auto_reply)]
     if not (failure_found or _looks_like_bounce(message)):
         # Kept (ledger only) so reconcile can tell a "this is not me" reply.
         excerpt = _excerpt(human)
@@ -365,9 +368,8 @@ def _named_recipients(message: Message, human: str) -> list[str]:
 
 
 # An address that begins a line of a report, or follows "RCPT TO:" in a transcript.
-_LISTED_ADDRESS = re.compile(
-    r"(?:^|rcpt to:)\s*<?([\w.+'=-]+@[\w-]+(?:\.[\w-]+)+)>?", re.IGNORECASE | re.MULTILINE
-)
+_ADDRESS = r"[\w.+'=%-]+@[\w-]+(?:\.[\w-]+)+"
+_LISTED_ADDRESS = re.compile(rf"(?:^|rcpt to:)\s*<?({_ADDRESS})>?", re.IGNORECASE | re.MULTILINE)
 
 
 def _original_recipients(message: Message) -> list[str]:
@@ -484,7 +486,9 @@ def _flufl_failures(message: Message) -> tuple[set[str], set[str]]:
         return set(), set()
 
     def text(addresses: frozenset[bytes]) -> set[str]:
-        return {a.decode("utf-8", "replace").strip("<>") for a in addresses if b"@" in a}
+        # Heuristic detectors sometimes return a fragment of text (a JSON notice's): not one.
+        found = (a.decode("utf-8", "replace").strip("<>") for a in addresses)
+        return {a for a in found if re.fullmatch(_ADDRESS, a)}
 
     return text(temporary), text(permanent)
 

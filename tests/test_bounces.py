@@ -373,6 +373,7 @@ def test_an_auto_reply_with_a_null_return_path_stays_an_auto_reply():
     )
     [report] = parse_report(raw, return_path_domain=DOMAIN)
     assert report.bounce_class == BounceClass.AUTO_REPLY
+    assert report.recipient == "member@example.org"  # RFC 3834: the recipient replies
 
 
 def test_a_multipart_whose_boundary_does_not_parse_is_read_as_text():
