@@ -296,7 +296,7 @@ def _dsn_block(block: Message, human: str) -> _Finding:
     finality = _dsn_finality(str(block.get("Action") or ""), status, explanation)
     if finality == Finality.DELIVERED:
         return _Finding(recipient, status, diagnostic, BounceClass.DELIVERED, finality)
-    # The diagnostic names the stage less often than the MTA's own explanation does.
+    # The stage: the diagnostic's, else the MTA's own explanation's (where Postfix gives it).
     stage = smtp_stage(diagnostic) or smtp_stage(explanation)
     # The diagnostic first; the MTA's own explanation when the diagnostic explains nothing.
     bounce_class = classify(status, diagnostic, stage)
@@ -367,8 +367,8 @@ def _named_recipients(message: Message, human: str) -> list[str]:
     return sorted(named, key=str.lower)
 
 
-# An address that begins a line of a report, or follows "RCPT TO:" in a transcript.
 _ADDRESS = r"[\w.+'=%-]+@[\w-]+(?:\.[\w-]+)+"
+# An address that begins a line of a report, or follows "RCPT TO:" in a transcript.
 _LISTED_ADDRESS = re.compile(rf"(?:^|rcpt to:)\s*<?({_ADDRESS})>?", re.IGNORECASE | re.MULTILINE)
 
 
