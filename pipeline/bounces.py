@@ -13,11 +13,14 @@ Parsing does no I/O beyond loading the rules file; reading mailboxes lives in `c
 from __future__ import annotations
 
 import hashlib
+import html
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import Message
+from email.utils import getaddresses
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -48,6 +51,30 @@ class BounceClass(StrEnum):
     """A failure no rule explains."""
 
 
+class SmtpStage(StrEnum):
+    """The SMTP command the receiving server was answering when it refused, as the report says."""
+
+    CONNECT = "connect"
+    """The greeting, HELO/EHLO or STARTTLS: the server refused the connection itself."""
+    MAIL = "mail"
+    """MAIL FROM: the server refused the sender."""
+    RCPT = "rcpt"
+    """RCPT TO: the server refused the recipient address."""
+    DATA = "data"
+    """DATA or its end: the server had read the content and refused it (a filter)."""
+
+
+class Finality(StrEnum):
+    """What became of the message for one recipient (RFC 3464 Action), not why."""
+
+    FAILED = "failed"
+    """Not delivered, and the reporting MTA has given up."""
+    DELAYED = "delayed"
+    """Not delivered yet; the reporting MTA is still retrying (a warning)."""
+    DELIVERED = "delivered"
+    """Delivered, relayed or expanded (a positive report)."""
+
+
 class ReportKind(StrEnum):
     DSN = "dsn"
     ARF = "arf"
@@ -57,19 +84,26 @@ class ReportKind(StrEnum):
     NOT_BOUNCE = "not_bounce"
 
 
+# In the rules file, the stage of a report that names none.
+STAGE_UNSTATED = "unstated"
+
+
 @dataclass(frozen=True)
 class Rule:
     bounce_class: BounceClass
     status: re.Pattern[str] | None
     text: re.Pattern[str] | None
+    # The SMTP stages (SmtpStage values, or STAGE_UNSTATED) the rule applies to; None: any.
+    stages: frozenset[str] | None = None
 
-    def matches(self, status: str | None, text: str) -> bool:
-        # A rule with both patterns needs both; a rule with one needs that one.
+    def matches(self, status: str | None, text: str, stage: SmtpStage | None) -> bool:
+        # A rule needs every pattern it has, and at least one pattern.
         if self.status is None and self.text is None:
             return False
         status_ok = self.status is None or bool(status and self.status.search(status))
         text_ok = self.text is None or bool(self.text.search(text))
-        return status_ok and text_ok
+        stage_ok = self.stages is None or (stage or STAGE_UNSTATED) in self.stages
+        return status_ok and text_ok and stage_ok
 
 
 @dataclass(frozen=True)
@@ -81,6 +115,10 @@ class Rules:
     auto_reply_subject: re.Pattern[str]
     # Where a bounce's own words end and the returned message begins.
     original_marker: re.Pattern[str]
+    # A report that says the MTA is still retrying (a delay warning), not that it gave up.
+    still_retrying: re.Pattern[str]
+    # How MTAs name the SMTP command a refusal answered, per stage.
+    stage_patterns: tuple[tuple[SmtpStage, re.Pattern[str]], ...]
 
 
 @dataclass(frozen=True)
@@ -96,6 +134,10 @@ class BounceReport:
     status: str | None
     diagnostic: str | None
     bounce_class: BounceClass
+    # Failed, delayed or delivered; None for complaints, automatic replies and other messages.
+    finality: Finality | None = None
+    # The SMTP command the refusal answered, when the report names it.
+    smtp_stage: SmtpStage | None = None
 
 
 @cache
@@ -112,6 +154,7 @@ def load_rules(path: Path = RULES_FILE) -> Rules:
                 BounceClass(item["class"]),
                 re.compile(item["status"]) if "status" in item else None,
                 pattern(item["text"]) if "text" in item else None,
+                _stages(item["stage"]) if "stage" in item else None,
             )
             for item in raw["rule"]
         ),
@@ -119,14 +162,35 @@ def load_rules(path: Path = RULES_FILE) -> Rules:
         bounce_subject=pattern(detect["bounce_subject"]),
         auto_reply_subject=pattern(detect["auto_reply_subject"]),
         original_marker=pattern(detect["original_marker"]),
+        still_retrying=pattern(detect["still_retrying"]),
+        stage_patterns=tuple(
+            (SmtpStage(name), pattern(value)) for name, value in raw["stage"].items()
+        ),
     )
 
 
-def classify(status: str | None, text: str | None) -> BounceClass:
-    """The first rule matching the enhanced status code and the reply text; else unknown."""
+def _stages(names: list[str]) -> frozenset[str]:
+    known = {str(s) for s in SmtpStage} | {STAGE_UNSTATED}
+    if unknown := set(names) - known:
+        raise ValueError(f"bounce rules: unknown stage {sorted(unknown)}")
+    return frozenset(names)
+
+
+def smtp_stage(text: str | None) -> SmtpStage | None:
+    """The SMTP command a refusal answered, from the first place the text names one."""
+    found = [
+        (m.start(), stage)
+        for stage, regex in load_rules().stage_patterns
+        if (m := regex.search(text or ""))
+    ]
+    return min(found)[1] if found else None
+
+
+def classify(status: str | None, text: str | None, stage: SmtpStage | None = None) -> BounceClass:
+    """The first rule matching the enhanced status code, the reply text and the SMTP stage."""
     flat = " ".join((text or "").split())
     for rule in load_rules().rules:
-        if rule.matches(status, flat):
+        if rule.matches(status, flat, stage):
             return rule.bounce_class
     return BounceClass.UNKNOWN
 
@@ -138,24 +202,26 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
     token = _verp_token(message, return_path_domain)
     original_id = _original_message_id(message)
 
-    def report(
-        index: int,
-        kind: ReportKind,
-        recipient: str | None,
-        status: str | None,
-        diagnostic: str | None,
-        bounce_class: BounceClass,
-    ) -> BounceReport:
+    def report(index: int, kind: ReportKind, found: _Finding) -> BounceReport:
         # A report may name the same recipient in several blocks: each block counts once.
-        key = hashlib.sha256(f"{digest}:{index}:{recipient}".encode()).hexdigest()
+        key = hashlib.sha256(f"{digest}:{index}:{found.recipient}".encode()).hexdigest()
         return BounceReport(
-            key, kind, token, original_id, recipient, status, diagnostic, bounce_class
+            key,
+            kind,
+            token,
+            original_id,
+            found.recipient,
+            found.status,
+            found.diagnostic,
+            found.bounce_class,
+            found.finality,
+            found.smtp_stage,
         )
 
     if (feedback := _part(message, "message/feedback-report")) is not None:
         recipients = _feedback_recipients(feedback, message)
         return [
-            report(i, ReportKind.ARF, r, None, None, BounceClass.COMPLAINT)
+            report(i, ReportKind.ARF, _Finding(r, bounce_class=BounceClass.COMPLAINT))
             for i, r in enumerate(recipients)
         ]
     human = _human_text(message)
@@ -163,37 +229,49 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
         blocks = _recipient_blocks(status_part)
         if blocks:
             return [
-                report(i, ReportKind.DSN, *_dsn_block(block, human))
+                report(i, ReportKind.DSN, _dsn_block(block, human))
                 for i, block in enumerate(blocks)
             ]
     temporary, permanent = _flufl_failures(message)
-    # RFC 3834 headers are set on bounces too: they decide only when no failure was found.
-    if not (temporary or permanent) and _is_auto_reply(message):
-        return [report(0, ReportKind.AUTO_REPLY, None, None, None, BounceClass.AUTO_REPLY)]
-    if not (temporary or permanent or _looks_like_bounce(message)):
+    failure_found = bool(temporary or permanent)
+    # RFC 3834 headers are set on bounces too: they decide only when neither a detector nor
+    # the sender and subject say bounce (a null return path does not: replies use one too).
+    if not (failure_found or _says_bounce(message)) and _is_auto_reply(message):
+        # RFC 3834: the reply comes from the recipient's own address.
+        replier = _bare(str(message.get("From") or ""))
+        auto_reply = _Finding(replier, bounce_class=BounceClass.AUTO_REPLY)
+        return [report(0, ReportKind.AUTO_REPLY, auto_reply)]
+    if not (failure_found or _looks_like_bounce(message)):
         # Kept (ledger only) so reconcile can tell a "this is not me" reply.
-        return [
-            report(0, ReportKind.NOT_BOUNCE, None, None, _excerpt(human), BounceClass.NOT_BOUNCE)
+        excerpt = _excerpt(human)
+        return [report(0, ReportKind.NOT_BOUNCE, _Finding(diagnostic=excerpt))]
+    # Mailman's detectors tell a delay warning (temporary) from a final failure (permanent);
+    # when none of them knows the format, the original's recipients the report names.
+    found: list[tuple[str | None, Finality | None]] = (
+        [
+            *((r, Finality.FAILED) for r in sorted(permanent)),
+            *((r, Finality.DELAYED) for r in sorted(temporary)),
         ]
-    found = [(r, True) for r in sorted(permanent)] + [(r, False) for r in sorted(temporary)]
-    if not found:
-        status = enhanced_status(human)
-        diagnostic = _excerpt(human)
-        return [
-            report(0, ReportKind.NON_STANDARD, None, status, diagnostic, classify(status, human))
-        ]
-    reports = []
-    for i, (recipient, is_permanent) in enumerate(found):
-        text = _about(human, recipient)
-        status = enhanced_status(text)
-        bounce_class = classify(status, text)
-        if bounce_class == BounceClass.UNKNOWN:
-            # Mailman's detectors know a warning from a failure even when no rule matched.
-            bounce_class = BounceClass.HARD_BOUNCE if is_permanent else BounceClass.SOFT_BOUNCE
-        reports.append(
-            report(i, ReportKind.NON_STANDARD, recipient, status, _excerpt(text), bounce_class)
-        )
-    return reports
+        or [(r, None) for r in _named_recipients(message, human)]
+        or [(None, None)]
+    )
+    others = [r for r, _ in found if r]
+    return [
+        report(i, ReportKind.NON_STANDARD, _non_standard(recipient, human, finality, others))
+        for i, (recipient, finality) in enumerate(found)
+    ]
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """What a report says about one recipient, before it gets its key and match fields."""
+
+    recipient: str | None = None
+    status: str | None = None
+    diagnostic: str | None = None
+    bounce_class: BounceClass = BounceClass.NOT_BOUNCE
+    finality: Finality | None = None
+    smtp_stage: SmtpStage | None = None
 
 
 def smtp_rejection(code: int, reply: str) -> tuple[str | None, BounceClass]:
@@ -201,28 +279,117 @@ def smtp_rejection(code: int, reply: str) -> tuple[str | None, BounceClass]:
     status = enhanced_status(reply)
     if status is None and 400 <= code < 600:
         status = f"{code // 100}.0.0"
-    return status, classify(status, reply)
+    return status, classify(status, reply, smtp_stage(reply))
 
 
-def _dsn_block(
-    block: Message, human: str
-) -> tuple[str | None, str | None, str | None, BounceClass]:
-    recipient = _address(block.get("Final-Recipient") or block.get("Original-Recipient"))
-    action = str(block.get("Action") or "").strip().lower()
-    # Some MTAs add a comment after the code: "4.4.1 (no answer from host)".
-    status = enhanced_status(block.get("Status"))
+def _dsn_block(block: Message, human: str) -> _Finding:
+    # Original-Recipient is the address we sent to; Final-Recipient may be after aliasing, or
+    # in another address type (X.400).
+    recipient = _rfc822_address(block.get("Original-Recipient")) or _address(
+        block.get("Final-Recipient")
+    )
     diagnostic = _unfold(block.get("Diagnostic-Code"))
-    if action in {"delivered", "relayed", "expanded"}:
-        return recipient, status, diagnostic, BounceClass.DELIVERED
-    # The diagnostic first (with the SMTP command it answered, when the report names it); the
-    # MTA's own explanation when the diagnostic explains nothing.
-    command = _SMTP_COMMAND.search(_about(human, recipient) if recipient else human)
-    bounce_class = classify(status, f"{diagnostic or ''} {command.group(0) if command else ''}")
+    # Some MTAs add a comment after the code: "4.4.1 (no answer from host)"; some give none
+    # but quote the server's own in the diagnostic.
+    status = enhanced_status(block.get("Status")) or enhanced_status(diagnostic, failures_only=True)
+    explanation = _about(human, recipient) if recipient else human
+    finality = _dsn_finality(str(block.get("Action") or ""), status, explanation)
+    if finality == Finality.DELIVERED:
+        return _Finding(recipient, status, diagnostic, BounceClass.DELIVERED, finality)
+    # The stage: the diagnostic's, else the MTA's own explanation's (where Postfix gives it).
+    stage = smtp_stage(diagnostic) or smtp_stage(explanation)
+    # The diagnostic first; the MTA's own explanation when the diagnostic explains nothing.
+    bounce_class = classify(status, diagnostic, stage)
     if bounce_class == BounceClass.UNKNOWN or not diagnostic:
-        bounce_class = classify(status, _about(human, recipient) if recipient else human)
-    if action == "delayed" and bounce_class in {BounceClass.HARD_BOUNCE, BounceClass.UNKNOWN}:
+        bounce_class = classify(status, explanation, stage)
+    if finality == Finality.DELAYED and bounce_class in {
+        BounceClass.HARD_BOUNCE,
+        BounceClass.UNKNOWN,
+    }:
         bounce_class = BounceClass.SOFT_BOUNCE
-    return recipient, status, diagnostic, bounce_class
+    return _Finding(recipient, status, diagnostic, bounce_class, finality, stage)
+
+
+def _dsn_finality(action: str, status: str | None, explanation: str) -> Finality:
+    action = action.strip().lower()
+    if action.startswith(("delivered", "relayed", "expanded")):
+        return Finality.DELIVERED
+    if action.startswith("delayed"):
+        return Finality.DELAYED
+    # "failed", and opensmtpd's non-standard "error" and others' "failure".
+    if action.startswith(("fail", "error")):
+        return Finality.FAILED
+    # No usable Action: the status class, else the report's own words.
+    if status and status.startswith("2."):
+        return Finality.DELIVERED
+    return _text_finality(explanation)
+
+
+def _text_finality(text: str) -> Finality:
+    return Finality.DELAYED if load_rules().still_retrying.search(text) else Finality.FAILED
+
+
+def _non_standard(
+    recipient: str | None, human: str, finality: Finality | None, recipients: list[str]
+) -> _Finding:
+    text = _about(human, recipient, recipients) if recipient else _flat(human)
+    # A transcript quotes the server's 2xx replies too: the failure's code is the one wanted.
+    status = enhanced_status(text, failures_only=True)
+    stage = smtp_stage(text)
+    finality = finality or _text_finality(text)
+    bounce_class = classify(status, text, stage)
+    if bounce_class == BounceClass.UNKNOWN and recipient and len(recipients) <= 1:
+        # A one-recipient report may give the reason before naming the address.
+        bounce_class = classify(status, human, stage)
+    if bounce_class == BounceClass.UNKNOWN and finality == Finality.DELAYED:
+        # A delay warning whose words no rule explains is still a temporary problem.
+        bounce_class = BounceClass.SOFT_BOUNCE
+    return _Finding(recipient, status, _excerpt(text), bounce_class, finality, stage)
+
+
+def _named_recipients(message: Message, human: str) -> list[str]:
+    """The recipients a report in an unknown format names, for want of a detector that knows it.
+
+    Addresses the returned original was sent to that the report's own words name; else the
+    addresses its lines begin with ("<address>: reason") or give as "RCPT TO:"; never the
+    report's own sender or recipient (the original's sender).
+    """
+    lowered = human.lower()
+    named = {a for a in _original_recipients(message) if a.lower() in lowered}
+    if not named:
+        own = {
+            a.lower()
+            for _, a in getaddresses(
+                [str(v) for h in ("From", "To", "Return-Path") for v in message.get_all(h) or []]
+            )
+        }
+        named = {a for a in _LISTED_ADDRESS.findall(human) if a.lower() not in own}
+    return sorted(named, key=str.lower)
+
+
+_ADDRESS = r"[\w.+'=%-]+@[\w-]+(?:\.[\w-]+)+"
+# An address that begins a line of a report, or follows "RCPT TO:" in a transcript.
+_LISTED_ADDRESS = re.compile(rf"(?:^|rcpt to:)\s*<?({_ADDRESS})>?", re.IGNORECASE | re.MULTILINE)
+
+
+def _original_recipients(message: Message) -> list[str]:
+    """Whom the returned original was addressed to: attached, or quoted after the report."""
+    original = _part(message, "message/rfc822") or _part(message, "text/rfc822-headers")
+    headers: Message | None = None
+    if original is not None:
+        inner = original.get_payload()
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            headers = inner[0]
+        elif isinstance(inner, str):
+            headers = message_from_bytes(inner.encode("utf-8", "replace"))
+    elif quoted := load_rules().original_marker.search(body := _body_text(message)):
+        # The quote starts at a header ("Received: from") or on the line after a marker.
+        start = quoted.start() if ":" in quoted.group(0) else body.find("\n", quoted.end()) + 1
+        headers = message_from_bytes(body[start:].lstrip().encode("utf-8", "replace"))
+    if headers is None:
+        return []
+    fields = [str(v) for name in ("To", "Cc") for v in headers.get_all(name) or []]
+    return [a for _, a in getaddresses(fields) if "@" in a]
 
 
 def _verp_token(message: Message, domain: str) -> str | None:
@@ -233,8 +400,6 @@ def _verp_token(message: Message, domain: str) -> str | None:
     return None
 
 
-# "in reply to end of DATA command" (Postfix), ">>> DATA" (Sendmail): where the refusal came.
-_SMTP_COMMAND = re.compile(r"in reply to (end of )?\w+( command)?|>>> ?[A-Z]+", re.IGNORECASE)
 _MESSAGE_ID = re.compile(r"^Message-ID:\s*<([^>\s]+)>", re.IGNORECASE | re.MULTILINE)
 
 
@@ -264,14 +429,16 @@ def _part(message: Message, content_type: str) -> Message | None:
 
 
 def _recipient_blocks(status_part: Message) -> list[Message]:
-    # The first block describes the message; each further block one recipient.
+    """The per-recipient blocks: those naming a recipient (the first block is the message's,
+    but some MTAs, McAfee's, send only the recipient's)."""
     payload = status_part.get_payload()
     if isinstance(payload, list):
-        return [b for b in payload[1:] if isinstance(b, Message)]
-    # Some MTAs send the report as an unparsed string: read its blocks by hand.
-    text = payload if isinstance(payload, str) else ""
-    blocks = [message_from_bytes(b.strip().encode()) for b in re.split(r"\n\s*\n", text)]
-    return [b for b in blocks[1:] if b.get("Final-Recipient") or b.get("Original-Recipient")]
+        blocks = [b for b in payload if isinstance(b, Message)]
+    else:
+        # Some MTAs send the report as an unparsed string: read its blocks by hand.
+        text = payload if isinstance(payload, str) else ""
+        blocks = [message_from_bytes(b.strip().encode()) for b in re.split(r"\n\s*\n", text)]
+    return [b for b in blocks if b.get("Final-Recipient") or b.get("Original-Recipient")]
 
 
 def _feedback_recipients(feedback: Message, message: Message) -> list[str | None]:
@@ -299,14 +466,17 @@ def _is_auto_reply(message: Message) -> bool:
     )
 
 
-def _looks_like_bounce(message: Message) -> bool:
+def _says_bounce(message: Message) -> bool:
+    """The sender or the subject is a mailer daemon's."""
     rules = load_rules()
-    sender = str(message.get("From") or "")
     return bool(
-        rules.bounce_from.search(sender)
+        rules.bounce_from.search(str(message.get("From") or ""))
         or rules.bounce_subject.search(str(message.get("Subject") or ""))
-        or str(message.get("Return-Path") or "").strip() == "<>"
     )
+
+
+def _looks_like_bounce(message: Message) -> bool:
+    return _says_bounce(message) or str(message.get("Return-Path") or "").strip() == "<>"
 
 
 def _flufl_failures(message: Message) -> tuple[set[str], set[str]]:
@@ -316,14 +486,21 @@ def _flufl_failures(message: Message) -> tuple[set[str], set[str]]:
         return set(), set()
 
     def text(addresses: frozenset[bytes]) -> set[str]:
-        return {a.decode("utf-8", "replace").strip("<>") for a in addresses if b"@" in a}
+        # Heuristic detectors sometimes return a fragment of text (a JSON notice's): not one.
+        found = (a.decode("utf-8", "replace").strip("<>") for a in addresses)
+        return {a for a in found if re.fullmatch(_ADDRESS, a)}
 
     return text(temporary), text(permanent)
 
 
 def _human_text(message: Message) -> str:
-    """The report's own words: text parts before the returned original, flattened."""
-    return " ".join(load_rules().original_marker.split(_body_text(message), maxsplit=1)[0].split())
+    """The report's own words: text parts before the returned original, one line each.
+
+    Lines are kept because many MTAs put a recipient's reason on its line ("reason: address").
+    """
+    own = load_rules().original_marker.split(_body_text(message), maxsplit=1)[0]
+    lines = (" ".join(line.split()) for line in own.splitlines())
+    return "\n".join(line for line in lines if line)
 
 
 def _body_text(message: Message) -> str:
@@ -331,32 +508,74 @@ def _body_text(message: Message) -> str:
     for part in message.walk():
         if part.get_content_type() in {"message/rfc822", "text/rfc822-headers"}:
             break
-        if part.get_content_maintype() == "text":
+        # A multipart whose boundary does not parse stays one string: read it as text.
+        unparsed = part.get_content_maintype() == "multipart" and not part.is_multipart()
+        if part.get_content_maintype() == "text" or unparsed:
             payload = part.get_payload(decode=True)
             if isinstance(payload, bytes):
                 charset = part.get_content_charset() or "utf-8"
                 try:
-                    texts.append(payload.decode(charset, "replace"))
+                    text = payload.decode(charset, "replace")
                 except LookupError:
-                    texts.append(payload.decode("utf-8", "replace"))
+                    text = payload.decode("utf-8", "replace")
+                is_html = part.get_content_subtype() == "html"
+                texts.append(_html_words(text) if is_html else text)
     return "\n".join(texts)
 
 
-def _about(text: str, recipient: str, span: int = 400) -> str:
-    """The words a multi-recipient report says about one recipient, else all of them."""
-    at = text.lower().find(recipient.lower())
-    return text[at : at + span] if at >= 0 else text
+_HTML_HIDDEN = re.compile(r"<(style|script|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_BLOCK = re.compile(r"<(br|p|div|tr|li|h\d)\b[^>]*>", re.IGNORECASE)
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+
+def _html_words(text: str) -> str:
+    """An HTML-only report's visible words, a line per block (Gmail's and AOL's reports)."""
+    text = _HTML_BLOCK.sub("\n", _HTML_HIDDEN.sub(" ", text))
+    return html.unescape(_HTML_TAG.sub(" ", text))
+
+
+def _about(text: str, recipient: str, recipients: Sequence[str] = (), span: int = 400) -> str:
+    """The words a report says about one recipient, else all of them.
+
+    From the start of the line that names it (some MTAs write "reason: address") to where the
+    report names another recipient, at most `span` characters on.
+    """
+    lowered = text.lower()
+    at = lowered.find(recipient.lower())
+    if at < 0:
+        return _flat(text)
+    line_start = text.rfind("\n", 0, at) + 1
+    end = at + span
+    for other in recipients:
+        next_at = lowered.find(other.lower(), at + len(recipient))
+        if other.lower() == recipient.lower() or not 0 <= next_at < end:
+            continue
+        # A line that begins with another recipient ends ours; "(generated from <other>)" not.
+        other_line = text.rfind("\n", 0, next_at) + 1
+        if other_line > at and not text[other_line:next_at].strip(" <\"'"):
+            end = other_line
+    return _flat(text[line_start:end])
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _excerpt(text: str, limit: int = 500) -> str | None:
-    return text[:limit] or None
+    return _flat(text)[:limit] or None
 
 
 def _address(field: str | None) -> str | None:
+    """The address of a DSN recipient field: "rfc822; a@example.org", or (McAfee) "<a@...>"."""
     if not field:
         return None
-    _, _, address = str(field).partition(";")
-    return _bare(address)
+    kind, semicolon, address = str(field).partition(";")
+    return _bare(address if semicolon else kind)
+
+
+def _rfc822_address(field: str | None) -> str | None:
+    address = _address(field)
+    return address if address and "@" in address and "/" not in address else None
 
 
 def _bare(address: str) -> str | None:
@@ -370,9 +589,10 @@ def _unfold(value: str | None) -> str | None:
 
 
 _ENHANCED_STATUS = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
+_FAILURE_STATUS = re.compile(r"(?<![\d.])([45]\.\d{1,3}\.\d{1,3})(?![\d.])")
 
 
-def enhanced_status(reply: str | None) -> str | None:
-    """The RFC 3463 enhanced status code quoted in an SMTP reply, if any."""
-    found = _ENHANCED_STATUS.search(reply or "")
+def enhanced_status(reply: str | None, *, failures_only: bool = False) -> str | None:
+    """The RFC 3463 enhanced status code quoted in an SMTP reply (4.x.x or 5.x.x only), if any."""
+    found = (_FAILURE_STATUS if failures_only else _ENHANCED_STATUS).search(reply or "")
     return found.group(1) if found else None

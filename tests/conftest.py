@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,3 +75,17 @@ def sample_drop(tmp_path: Path) -> Path:
     drop = tmp_path / "landing"
     shutil.copytree(REPO / "data_samples" / "landing", drop)
     return drop
+
+
+def wait_for_listener(host: str, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until a daemon the test started accepts connections; its log if it never does."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{process.args!r} did not listen: {log.read_text()[-2000:]}")

@@ -8,9 +8,12 @@ from hypothesis import strategies as st
 
 from pipeline.bounces import (
     BounceClass,
+    Finality,
+    SmtpStage,
     classify,
     enhanced_status,
     parse_report,
+    smtp_stage,
 )  # fmt: skip
 from pipeline.plan import token_from_verp, verp_return_path
 from pipeline.sink import delivery_status_notification
@@ -90,10 +93,71 @@ def test_a_recipient_repeated_in_one_report_gets_distinct_keys():
         ("5.0.0", "554 no words we know", BounceClass.UNKNOWN),
         ("5.0.0", "550 sender address rejected", BounceClass.POLICY_BLOCK),
         ("5.1.1", "552 mailbox full", BounceClass.SOFT_BOUNCE),
+        # X.2.0 and X.2.1 say the mailbox exists: unless RCPT TO refused it, a filter did.
+        ("5.2.1", "550 5.2.1 <a@example.org>... User Unknown", BounceClass.POLICY_BLOCK),
+        (
+            "5.2.1",
+            "550-5.2.1 The email account that you tried to reach is inactive.",
+            BounceClass.HARD_BOUNCE,
+        ),  # fmt: skip
+        ("5.6.0", "550 5.6.0 Recipient address rejected: Media error", BounceClass.POLICY_BLOCK),
+        # RFC 7505 null MX: a permanent failure is a bad address, a transient one is retried.
+        (
+            "5.0.0",
+            "DNS: the domain doesn't receive email: returned Null MX",
+            BounceClass.HARD_BOUNCE,
+        ),
+        (
+            "4.0.0",
+            "DNS: the domain doesn't receive email: returned Null MX",
+            BounceClass.SOFT_BOUNCE,
+        ),
+        (
+            "5.4.4",
+            "Name service error for name=example.org type=MX: Malformed or unexpected "
+            "name server reply",
+            BounceClass.SOFT_BOUNCE,
+        ),  # fmt: skip
+        ("5.4.316", "550 5.4.316 Message expired, connection refused", BounceClass.SOFT_BOUNCE),
+        (
+            "5.4.1",
+            "550 5.4.1 [a@example.org]: Recipient address rejected: Access denied",
+            BounceClass.HARD_BOUNCE,
+        ),  # fmt: skip
+        (
+            "5.2.1",
+            "550-5.2.1 The user you are trying to contact is receiving mail at a rate "
+            "that prevents additional messages",
+            BounceClass.POLICY_BLOCK,
+        ),  # fmt: skip
+        (
+            None,
+            "551 Server access forbidden by invalid RDNS record of your mail server",
+            BounceClass.POLICY_BLOCK,
+        ),  # fmt: skip
+        (
+            "5.5.0",
+            "550 domain [example.com] mismatches client ip 192.0.2.1",
+            BounceClass.POLICY_BLOCK,
+        ),
+        (
+            None,
+            "550-Please turn on SMTP Authentication in your mail client.",
+            BounceClass.POLICY_BLOCK,
+        ),  # fmt: skip
+        ("5.0.0", "550 Denied by policy", BounceClass.POLICY_BLOCK),
+        (None, "Google Groups: https://groups.google.com/support/", BounceClass.POLICY_BLOCK),
     ],
 )
 def test_shipped_rules(status, text, expected):
     assert classify(status, text) == expected
+
+
+def test_a_rule_can_be_limited_to_stages():
+    status, text = "5.0.0", "550 Rejected"
+    assert classify(status, text) == BounceClass.UNKNOWN
+    assert classify(status, text, SmtpStage.CONNECT) == BounceClass.POLICY_BLOCK
+    assert classify(status, text, SmtpStage.RCPT) == BounceClass.UNKNOWN
 
 
 def test_verp_round_trip_and_enhanced_status():
@@ -143,3 +207,208 @@ def test_any_input_parses_to_at_least_one_report(raw):
     assert reports
     assert len({r.dedupe_key for r in reports}) == len(reports)
     assert all(isinstance(r.bounce_class, BounceClass) for r in reports)
+
+
+def _dsn(diagnostic: str, *, human: str = "", action: str = "failed", status: str = "5.0.0"):
+    """A multipart/report DSN for gone@example.org with the given fields."""
+    return (
+        "From: MAILER-DAEMON@mx.example.net\r\nTo: bounces@eob.example.com\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        f"--b\r\nContent-Type: text/plain\r\n\r\n{human}\r\n"
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.example.net\r\n\r\n"
+        f"Final-Recipient: rfc822; gone@example.org\r\nAction: {action}\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: smtp; {diagnostic}\r\n--b--\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("human", "stage", "expected"),
+    [
+        # The same words are a filter's answer after DATA and a bad address at RCPT TO.
+        (
+            "<gone@example.org>: host mx.example.org said: 550 User unknown "
+            "(in reply to end of DATA command)",
+            SmtpStage.DATA,
+            BounceClass.POLICY_BLOCK,
+        ),
+        (
+            "<gone@example.org>: host mx.example.org said: 550 User unknown "
+            "(in reply to RCPT TO command)",
+            SmtpStage.RCPT,
+            BounceClass.HARD_BOUNCE,
+        ),
+        (
+            "gone@example.org\nSMTP error from remote mail server after MAIL FROM:<s@eob>: "
+            "550 Rejected",
+            SmtpStage.MAIL,
+            BounceClass.POLICY_BLOCK,
+        ),  # fmt: skip
+        (
+            "<gone@example.org>: host mx.example.org refused to talk to me: 554 Rejected",
+            SmtpStage.CONNECT,
+            BounceClass.POLICY_BLOCK,
+        ),
+        ("<gone@example.org>: 550 User unknown", None, BounceClass.HARD_BOUNCE),
+    ],
+)
+def test_the_smtp_stage_decides_whether_the_address_was_refused(human, stage, expected):
+    [report] = parse_report(_dsn("550 User unknown", human=human), return_path_domain=DOMAIN)
+    assert report.smtp_stage == stage
+    assert report.bounce_class == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "stage"),
+    [
+        ("host said: 550 no (in reply to RCPT TO command)", SmtpStage.RCPT),
+        ("SMTP error from remote mail server after RCPT TO:<a@example.org>: 550", SmtpStage.RCPT),
+        ("... while talking to mx.example.org.:\n>>> DATA\n<<< 554 rejected", SmtpStage.DATA),
+        ("SMTP error from remote server for TEXT command, host: mx", SmtpStage.DATA),
+        ("192.0.2.1 does not like recipient. Remote host said: 550", SmtpStage.RCPT),
+        ("SMTP error from remote mail server after initial connection: 554", SmtpStage.CONNECT),
+        ("550 mailbox unavailable", None),
+    ],
+)
+def test_stage_wording_of_common_mtas(text, stage):
+    assert smtp_stage(text) == stage
+
+
+@pytest.mark.parametrize(
+    ("action", "human", "finality", "expected"),
+    [
+        ("failed", "", Finality.FAILED, BounceClass.HARD_BOUNCE),
+        ("delayed", "", Finality.DELAYED, BounceClass.SOFT_BOUNCE),
+        ("failure", "", Finality.FAILED, BounceClass.HARD_BOUNCE),
+        (
+            "",
+            "THIS IS A WARNING ONLY. It will be retried until it is 5 days old.",
+            Finality.DELAYED,
+            BounceClass.SOFT_BOUNCE,
+        ),  # fmt: skip
+        ("", "Your message could not be delivered.", Finality.FAILED, BounceClass.HARD_BOUNCE),
+    ],
+)
+def test_finality_comes_from_the_action_else_the_words(action, human, finality, expected):
+    raw = _dsn("550 5.1.1 user unknown", human=human, action=action, status="5.1.1")
+    if not action:
+        raw = raw.replace(b"Action: \r\n", b"")
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert (report.finality, report.bounce_class) == (finality, expected)
+
+
+def _non_standard(body: str, *, headers: str = "", content_type: str = "text/plain") -> bytes:
+    return (
+        "From: Mail Delivery System <MAILER-DAEMON@mx.example.net>\r\n"
+        f"To: bounces@eob.example.com\r\nSubject: Mail delivery failed\r\n{headers}"
+        f"Content-Type: {content_type}\r\n\r\n{body}"
+    ).encode()
+
+
+def test_each_listed_recipient_gets_the_reason_on_its_own_lines():
+    raw = _non_standard(
+        "The following addresses failed:\r\n"
+        "<full@example.org>: 552 mailbox full\r\n"
+        "<gone@example.org>: 550 no such user\r\n"
+        "<alias@example.org> (generated from list@example.org)\r\n"
+        "  550 no such user\r\n"
+    )
+    reports = parse_report(raw, return_path_domain=DOMAIN)
+    got = {r.recipient: r.bounce_class for r in reports}
+    assert got["full@example.org"] == BounceClass.SOFT_BOUNCE
+    assert got["gone@example.org"] == BounceClass.HARD_BOUNCE
+    assert got["alias@example.org"] == BounceClass.HARD_BOUNCE
+    assert "bounces@eob.example.com" not in got
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # A one-recipient report may give its reason before it names the address.
+        (
+            "Error: Invalid user address\r\n550 no such user here\r\n\r\n"
+            "Message details:\r\n  MAIL FROM: bounces@eob.example.com\r\n"
+            "  RCPT TO: gone@example.org\r\n",
+            ("gone@example.org", None, BounceClass.HARD_BOUNCE),
+        ),
+        # A transcript's success codes are not the failure's status.
+        (
+            "Transcript of session follows.\r\n"
+            "Out: 250-mx.example.org 2.0.0 Hello\r\nIn: RCPT TO:<gone@example.org>\r\n"
+            "Out: 451 4.3.0 Temporary system failure\r\n",
+            ("gone@example.org", "4.3.0", BounceClass.SOFT_BOUNCE),
+        ),
+    ],
+)
+def test_reading_a_report_in_no_known_format(body, expected):
+    [report] = parse_report(_non_standard(body), return_path_domain=DOMAIN)
+    assert (report.recipient, report.status, report.bounce_class) == expected
+
+
+def test_an_html_only_report_is_read_as_text():
+    raw = _non_standard(
+        "<html><head><style>td { color: #222 }</style></head><body><table><tr><td>"
+        "Your message to <a href='mailto:gone@example.org'>gone@example.org</a> failed"
+        "</td></tr><tr><td>because: Mailbox is full</td></tr></table></body></html>",
+        content_type="text/html",
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.SOFT_BOUNCE
+    assert "color" not in (report.diagnostic or "")
+
+
+def test_an_auto_reply_header_does_not_hide_a_mailer_daemons_report():
+    raw = _non_standard(
+        "<gone@example.org>: 550 5.1.1 User unknown\r\n", headers="Auto-Submitted: auto-replied\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.HARD_BOUNCE
+
+
+def test_an_auto_reply_with_a_null_return_path_stays_an_auto_reply():
+    raw = (
+        b"Return-Path: <>\r\nFrom: Member <member@example.org>\r\n"
+        b"Subject: Automatic reply: statement\r\n\r\nI am away until Monday.\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.AUTO_REPLY
+    assert report.recipient == "member@example.org"  # RFC 3834: the recipient replies
+
+
+def test_a_multipart_whose_boundary_does_not_parse_is_read_as_text():
+    raw = _non_standard(
+        "Recipient address: gone@example.org\r\nReason: 550 5.1.1 User Unknown\r\n",
+        content_type="multipart/report",  # no boundary parameter
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.HARD_BOUNCE
+    assert "User Unknown" in (report.diagnostic or "")
+
+
+def test_a_dsn_names_the_address_we_sent_to():
+    """Original-Recipient over an aliased or X.400 Final-Recipient; a bare "<address>"; a block
+    without Status takes the diagnostic's code; a report of one block (McAfee's)."""
+    raw = (
+        b"From: MAILER-DAEMON@mx.example.net\r\nSubject: Delivery Status\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Original-Recipient: <member@example.org>\r\n"
+        b"Final-Recipient: x400; /S=member/O=example/C=GB/\r\nAction: failed\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 <member@example.org>... User unknown\r\n--b--\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert (report.recipient, report.status) == ("member@example.org", "5.1.1")
+    assert report.bounce_class == BounceClass.HARD_BOUNCE
+
+
+def test_the_recipient_of_a_quoted_original_is_named():
+    raw = _non_standard(
+        "There was an error delivering your mail to <gone@example.org>.\r\n\r\n"
+        "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown\r\n\r\n"
+        "Message headers follow.\r\n\r\n"
+        "Received: from root (uid 0) by mx.eob.example.com\r\n"
+        "To: <gone@example.org>\r\nFrom: <statements@eob.example.com>\r\nSubject: s\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert (report.recipient, report.bounce_class) == ("gone@example.org", BounceClass.HARD_BOUNCE)

@@ -31,7 +31,7 @@ from pipeline.ledger import open_ledger
 from pipeline.ledger.models import AuditEvent, Bounce, Message, ResendCase
 from pipeline.ledger.states import CaseState, MessageState
 from pipeline.runner import STAGES, finish_run, run_stage, start_run
-from tests.conftest import sample_drop
+from tests.conftest import sample_drop, wait_for_listener
 
 POSTFIX = "/usr/sbin/postfix"
 pytestmark = pytest.mark.skipif(
@@ -151,7 +151,7 @@ def postfix(returnpath_base: Path) -> Iterator[PostfixInstance]:
     log = (base / "postfix.log").open("wb")
     process = subprocess.Popen([POSTFIX, "-c", str(conf), "start-fg"], stdout=log, stderr=log)
     try:
-        _wait_for_port(MTA_IP, port, process, base / "postfix.log")
+        wait_for_listener(MTA_IP, port, process, base / "postfix.log")
         yield PostfixInstance(port, ca_file, next_hop)
     finally:
         subprocess.run([POSTFIX, "-c", str(conf), "stop"], capture_output=True, timeout=60)
@@ -162,21 +162,6 @@ def postfix(returnpath_base: Path) -> Iterator[PostfixInstance]:
         controller.stop()
         log.close()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    import socket
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"postfix exited: {log.read_text()[-2000:]}")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"postfix did not listen: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture
