@@ -96,7 +96,7 @@ def wrap(markup: str, size: float, width: float, *, bold: bool = False) -> tuple
             lines.append(TextLine(line_width, tuple(pieces)))
         pieces, line_width = [], 0.0
         if word_width > width:
-            *full, word = _break_word(word, size, width)
+            full, word = _break_word(word, size, width)
             lines.extend(full)
             word_width = sum(stringWidth(text, font, size) for font, text in word)
         _append(pieces, word)
@@ -116,10 +116,10 @@ def _append(pieces: list[tuple[str, str]], more: list[tuple[str, str]]) -> None:
 
 def _break_word(
     word: list[tuple[str, str]], size: float, width: float
-) -> list[TextLine | list[tuple[str, str]]]:
-    """A word too wide for a line as full lines broken between characters, then the rest."""
+) -> tuple[list[TextLine], list[tuple[str, str]]]:
+    """A word too wide for a line as full lines broken between characters, and the rest."""
     characters = [(font, char) for font, text in word for char in text]
-    out: list[TextLine | list[tuple[str, str]]] = []
+    out: list[TextLine] = []
     pieces: list[tuple[str, str]] = []
     line_width = 0.0
     for font, char in characters:
@@ -129,8 +129,7 @@ def _break_word(
             pieces, line_width = [], 0.0
         _append(pieces, [(font, char)])
         line_width += char_width
-    out.append(pieces)
-    return out
+    return out, pieces
 
 
 __all__ = ["TextLine", "TextStyle", "parse_markup", "wrap"]
