@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import io
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -517,8 +518,32 @@ def render_all(
     if workers <= 1 or len(shards) <= 1:
         yield from map(render, shards, shard_passwords)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(shards))) as pool:
+    # Warmed here, the caches are inherited by forked workers; the initializer warms them
+    # where workers are spawned instead.
+    _warm_up(plan_name)
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(shards)), initializer=_start_worker, initargs=(plan_name,)
+    ) as pool:
         yield from pool.map(render, shards, shard_passwords)
+
+
+def _start_worker(plan_name: str) -> None:
+    """Once per render process. What it inherited from the parent is moved out of the
+    garbage collector's reach: collections in the worker would otherwise touch (and so copy)
+    every inherited page of memory."""
+    gc.freeze()
+    _warm_up(plan_name)
+
+
+def _warm_up(plan_name: str) -> None:
+    """Load and lay out what every document of the plan shares, in each language: wording,
+    code explanations, the claims header, the fixed sections, the logo."""
+    _logo_image()
+    for template in TEMPLATES_DIR.glob("eob_document.*.toml"):
+        wording = load_wording(template.name.split(".")[1])
+        load_code_book(document_language(wording.language_tag.partition("-")[0]))
+        _claims_header(wording)
+        _fixed_sections(wording, plan_name)
 
 
 def _paginate(groups: Sequence[_Group], table_header: _Block) -> list[list[tuple[float, _Block]]]:
@@ -747,7 +772,7 @@ def _claim_row(line: StatementLine, wording: Wording, *, zebra: bool) -> _Block:
         description=escape(description) if description else wording.generic_service,
     )
     cells: list[_Cell] = [
-        [(_cell_lines(_date(line.service_date, wording), _CELL, 0), _CELL)],
+        [(_CELL.line(_date(line.service_date, wording)), _CELL)],
         [(_cell_lines(escape(line.provider_name), _CELL, 1), _CELL)],
         [
             (_cell_lines(service, _CELL, 2), _CELL),
@@ -769,10 +794,7 @@ def _totals_row(statement: Statement, wording: Wording) -> _Block:
 
 
 def _money_cells(amounts: Sequence[Decimal], style: TextStyle) -> list[_Cell]:
-    return [
-        [(_cell_lines(format_money(amount), style, column), style)]
-        for column, amount in zip(_MONEY_COLUMNS, amounts, strict=True)
-    ]
+    return [[(style.line(format_money(amount)), style)] for amount in amounts]
 
 
 _STATUS_FIELD = {
@@ -845,24 +867,25 @@ def _draw_first_page(page: _Page, text: _PageText) -> None:
 
 
 def _draw_barcode(canvas: Canvas, value: str, right: float, top: float) -> None:
-    """The value as Code 128 (reportlab's encoding), its bars filled as one path: the
-    statement id for the mail vendor's tracking."""
+    """The value as Code 128 (reportlab's encoding), its bars filled as one path, flush
+    right at `right` under `top`: the statement id for the mail vendor's tracking."""
     # Code 128 spells each symbol as bar and space widths: upper-case letters are bars,
     # lower-case ones spaces, A or a one module wide, B or b two, and so on.
     barcode = Code128(value, quiet=False)
     barcode.validate()
     barcode.encode()
     modules = barcode.decompose()
-    width = sum(ord(c.upper()) - ord("A") + 1 for c in modules) * BARCODE_BAR_WIDTH
-    path = canvas.beginPath()
-    x = right - width
-    for c in modules:
-        step = (ord(c.upper()) - ord("A") + 1) * BARCODE_BAR_WIDTH
+    units = [ord(c.upper()) - ord("A") + 1 for c in modules]
+    bars = []
+    position = 0
+    for c, width in zip(modules, units, strict=True):
         if c.isupper():
-            path.rect(x, top - BARCODE_HEIGHT, step, BARCODE_HEIGHT)
-        x += step
-    canvas.setFillColor(colors.black)
-    canvas.drawPath(path, stroke=0, fill=1)
+            bars.append(f"{position} 0 {width} 1 re")
+        position += width
+    # In module units: one bar width across, the bar height up, from the bottom left corner.
+    left = right - position * BARCODE_BAR_WIDTH
+    origin = fp_str(BARCODE_BAR_WIDTH, 0, 0, BARCODE_HEIGHT, left, top - BARCODE_HEIGHT)
+    canvas.addLiteral(f"q 0 g {origin} cm {' '.join(bars)} f Q")
 
 
 def _draw_later_page(page: _Page, text: _PageText) -> None:

@@ -41,6 +41,11 @@ class TextStyle:
     def lines(self, markup: str, width: float) -> tuple[TextLine, ...]:
         return wrap(markup, self.size, width, bold=self.bold)
 
+    def line(self, text: str) -> tuple[TextLine]:
+        """Plain text that is never broken (an amount, a date): one line, not cached."""
+        font = _FACES[self.bold, False]
+        return (TextLine(stringWidth(text, font, self.size), ((font, text),)),)
+
 
 class TextLine(NamedTuple):
     """One line: its width in points and its pieces, (font, text) in reading order."""
