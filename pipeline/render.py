@@ -686,11 +686,15 @@ def _summary_box(amount: str, wording: Wording) -> _Block:
         canvas.setStrokeColor(NAVY)
         canvas.setLineWidth(1)
         canvas.rect(MARGIN, top - height, CONTENT_WIDTH, height, stroke=1, fill=1)
-        # Both texts share their first baseline, "not a bill" in smaller type.
+        # Each text is centred in the height of the taller; "not a bill", in smaller type,
+        # shares the amount's baseline when both take one line.
         text_top = top - padding
-        page.lines(summary, _SUMMARY, MARGIN + SUMMARY_PADDING, text_top)
+        page.lines(summary, _SUMMARY, MARGIN + SUMMARY_PADDING,
+                   text_top - (top_height - len(summary) * _SUMMARY.leading) / 2)  # fmt: skip
         page.lines(
-            not_a_bill, _NOT_A_BILL, 0, text_top - _SUMMARY.size + _NOT_A_BILL.size,
+            not_a_bill, _NOT_A_BILL, 0,
+            text_top - (top_height - len(not_a_bill) * _NOT_A_BILL.leading) / 2
+            - _SUMMARY.size + _NOT_A_BILL.size,
             right=MARGIN + CONTENT_WIDTH - SUMMARY_PADDING,
         )  # fmt: skip
         page.lines(note, _NOTE, MARGIN + SUMMARY_PADDING, text_top - top_height - 3)
