@@ -7,6 +7,14 @@ Layout is fixed in points so that the member's address falls in the window of a 
 when the page is printed and folded in thirds (statements without an email go to print).
 The built-in Helvetica fonts need no font files but only cover Latin-1: other characters
 render as a box.
+
+Rendering is two steps on a bare reportlab canvas (no platypus: it was two thirds of the
+cost). Layout turns the statement into blocks (summary box, table rows, headed sections) whose
+lines are broken by pipeline.textlayout, then places them over pages, keeping a heading with
+its text and repeating the table header on every page the table reaches; so the page count
+is known before anything is drawn. Drawing then writes each page once. Everything that is the
+same for every member of a plan (notices, headings, code explanations, the logo) is laid out
+or encoded once per process.
 """
 
 from __future__ import annotations
@@ -612,7 +620,9 @@ def _content(statement: Statement, plan_name: str, wording: Wording) -> list[_Gr
     if statement.adjustment_codes:
         book = load_code_book(document_language(wording.language_tag.partition("-")[0]))
         explanations = [
-            wording.code_explanation.format(code=escape(code), explanation=book.explain(code))
+            wording.code_explanation.format(
+                code=escape(code), explanation=escape(book.explain(code))
+            )
             for code in statement.adjustment_codes
         ]
         groups.append(_section(wording.codes_heading, _BODY, explanations))
