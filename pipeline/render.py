@@ -232,13 +232,15 @@ BRANDING = load_branding()
 NAVY = colors.HexColor(BRANDING.primary_color)
 PALE_BLUE = colors.HexColor(BRANDING.pale_color)
 LOGO_HEIGHT = 0.5 * inch
+# The logo's PDF image object, the same in every document.
+_LOGO_NAME = "eob-logo"
 
 
 @functools.cache
 def _logo_image() -> PDFImageXObject:
-    """The logo as a PDF image object, decoded and compressed once per process (through
-    canvas.drawImage it cost a decode-free but full md5 and zlib pass per document, a third of
-    the render time). Transparency is flattened onto the white page it sits on."""
+    """The logo as a PDF image object, decoded and compressed once per process: through
+    canvas.drawImage every document paid two md5 passes over its pixels and a zlib pass, a
+    third of the render time. Transparency is flattened onto the white page it sits on."""
     with Image.open(BRANDING.logo) as logo:
         rgba = logo.convert("RGBA")
     flat = Image.new("RGB", rgba.size, "white")
@@ -246,7 +248,6 @@ def _logo_image() -> PDFImageXObject:
     return PDFImageXObject(_LOGO_NAME, ImageReader(flat))
 
 
-_LOGO_NAME = "eob-logo"
 ZEBRA = colors.HexColor("#F4F6F8")
 GREY = colors.HexColor("#555555")
 RULE = colors.HexColor("#B8C4D0")
