@@ -299,6 +299,7 @@ def test_load_wording_refuses_a_missing_file() -> None:
         (lambda text: text.replace("{amount}", "{amt}"), "key summary: unknown placeholders"),
         (lambda text: text.replace("Page {page}", "Page {page"), "key footer"),
         (lambda text: text.replace('title = "Explanation of Benefits"', "title = 3"), "key title"),
+        (lambda text: text.replace("<b>{amount}</b>", "<u>{amount}</u>"), "key summary: unsup"),
     ],
 )
 def test_load_wording_refuses_a_broken_file(
