@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +143,47 @@ def test_rekey_command_moves_every_run_file_to_a_new_dev_key(tmp_path: Path) -> 
     assert read_decrypted(run_dir / "print" / "batch.pdf", only_new, "r1:print/batch.pdf") == PDF
 
 
+def test_rekey_command_rotates_archived_drops_and_kept_reports_and_converts_old_ones(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+    from cryptography.fernet import Fernet
+
+    from pipeline.cli import main
+    from pipeline.collect import Archive, Collected
+
+    data_dir = tmp_path / "data"
+    old = load_keyring(data_dir, {})
+    drops = data_dir / "archive" / "acme" / "2026-11-22"
+    drops.mkdir(parents=True)
+    (drops / "a-claims.csv").write_bytes(PDF)  # archived before drops were encrypted
+    with (drops / "b-claims.csv").open("wb") as target:
+        encrypt_stream([PDF], target, old, "archive/acme/2026-11-22/b-claims.csv")
+    (drops / "b-claims.csv.ready").write_bytes(b"")  # a marker: nothing to protect
+    reports = Archive.in_data_dir(data_dir, old)
+    current, legacy = Collected("1", b"To: ana@example.org"), Collected("2", b"To: bo@example.org")
+    reports.keep(current)
+    (data_dir / "archive.key").write_bytes(fernet_key := Fernet.generate_key())
+    (reports.directory / f"{legacy.sha256}.eml.enc").write_bytes(
+        Fernet(fernet_key).encrypt(legacy.raw)
+    )
+
+    environment = {"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: "", "EOB_ARCHIVE_KEY": ""}
+    result = CliRunner().invoke(main, ["rekey", "--new-dev-key"], env=environment)
+
+    assert result.exit_code == 0, result.output
+    assert re.search(r"reencrypted\W+4\W", result.output)
+    assert re.search(r"already current\W+0\W", result.output)
+    new = load_keyring(data_dir, {})
+    only_new = atrest.Keyring({new.active_id: new.keys[new.active_id]}, new.active_id)
+    for name in ("a-claims.csv", "b-claims.csv"):
+        context = f"archive/acme/2026-11-22/{name}"
+        assert b"".join(atrest.read_decrypted_stream(drops / name, only_new, context)) == PDF
+    assert (drops / "b-claims.csv.ready").read_bytes() == b""
+    moved = Archive.in_data_dir(data_dir, only_new)
+    assert [moved.read(i.sha256) for i in (current, legacy)] == [current.raw, legacy.raw]
+
+
 def test_decrypt_command_pipes_the_plaintext_and_refuses_other_files(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -161,7 +203,7 @@ def test_decrypt_command_pipes_the_plaintext_and_refuses_other_files(tmp_path: P
     elsewhere.write_bytes(path.read_bytes())
     refused = CliRunner().invoke(main, ["decrypt", str(elsewhere)], env=environment)
     assert refused.exit_code == 1 and PDF not in refused.stdout_bytes
-    assert "s1.pdf: not a PDF or print file of a run" in refused.output
+    assert "s1.pdf: not an encrypted file of the data directory" in refused.output
 
 
 # Streams ---------------------------------------------------------------------------------------
