@@ -1,5 +1,6 @@
-"""Encryption at rest: AES-256-GCM for the PHI files the pipeline writes (PDFs, print batches;
-the parquet intermediates use this keyring through pipeline.atrest_parquet).
+"""Encryption at rest: AES-256-GCM for the PHI files the pipeline writes (PDFs, print batches,
+raw bounce reports; the insurers' archived drops in a streaming format; the parquet
+intermediates use this keyring through pipeline.atrest_parquet).
 
 Keys come from the environment, never from the repository:
 
@@ -16,6 +17,16 @@ File format: MAGIC, one byte key-id length, the key id (ASCII), a 12-byte random
 GCM ciphertext and tag. The header and a caller-given context (for a PDF, its statement id) are
 authenticated data: a file moved under another statement's name, or a header edited to name
 another key, fails to decrypt instead of decrypting to the wrong member's document.
+
+Streaming format, for files too large to hold in memory (an insurer's drop can be gigabytes):
+STREAM_MAGIC, the same key-id header, the plaintext chunk size (4 bytes, big-endian) and a
+7-byte random nonce prefix, then the plaintext's fixed-size chunks, each sealed on its own with
+AES-256-GCM (tag appended) under the nonce prefix || chunk counter (4 bytes) || last-chunk flag
+(1 byte), the STREAM construction of age and Tink. The header and the context are every chunk's
+authenticated data. A chunk altered, moved, dropped or reordered fails its tag; a file cut at a
+chunk boundary fails too, because its new last chunk was not sealed as last. Readers get the
+plaintext chunk by chunk, each authenticated before it is handed out; a truncation shows only at
+the end, so a consumer must not act on what it read before the iterator finished.
 """
 
 from __future__ import annotations
@@ -27,10 +38,12 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -40,8 +53,15 @@ from pipeline.errors import ConfigError, EobError
 log = logging.getLogger(__name__)
 
 MAGIC = b"EOBE\x01"
+STREAM_MAGIC = b"EOBS\x01"
+# Plaintext bytes per sealed chunk of a stream: memory per reader or writer is about two chunks.
+STREAM_CHUNK = 1 << 20
 ENV_VAR = "EOB_AT_REST_KEYS"
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
+_STREAM_PREFIX_BYTES = 7
+# A reader refuses larger chunk sizes: a forged header must not make it allocate gigabytes.
+_MAX_STREAM_CHUNK = 1 << 24
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -63,6 +83,8 @@ class Keyring:
 
     def decrypt(self, blob: bytes, context: str, *, source: str = "data") -> bytes:
         key_id, body_at = self._parse_header(blob, source)
+        if len(blob) < body_at + _NONCE_BYTES + _TAG_BYTES:
+            raise DecryptionError(f"{source}: truncated")
         header, body = blob[:body_at], blob[body_at:]
         try:
             return AESGCM(self.keys[key_id]).decrypt(
@@ -74,22 +96,21 @@ class Keyring:
     def key_id_of(self, blob: bytes, *, source: str = "data") -> str:
         return self._parse_header(blob, source)[0]
 
-    def _parse_header(self, blob: bytes, source: str) -> tuple[str, int]:
-        if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 1:
+    def _parse_header(self, blob: bytes, source: str, magic: bytes = MAGIC) -> tuple[str, int]:
+        """The key id a header names (the keyring must hold it) and where the header ends."""
+        if not blob.startswith(magic) or len(blob) < len(magic) + 1:
             raise DecryptionError(f"{source}: not an encrypted eob-delivery file")
-        length = blob[len(MAGIC)]
-        start = len(MAGIC) + 1
+        length = blob[len(magic)]
+        start = len(magic) + 1
         key_id = blob[start : start + length].decode("ascii", errors="replace")
         if key_id not in self.keys:
             raise DecryptionError(f"{source}: encrypted with key {key_id!r}, not in the keyring")
-        if len(blob) < start + length + _NONCE_BYTES + 16:
-            raise DecryptionError(f"{source}: truncated")
         return key_id, start + length
 
 
-def _header(key_id: str) -> bytes:
+def _header(key_id: str, magic: bytes = MAGIC) -> bytes:
     raw = key_id.encode("ascii")
-    return MAGIC + bytes([len(raw)]) + raw
+    return magic + bytes([len(raw)]) + raw
 
 
 def parse_keys(text: str, *, source: str) -> Keyring:
@@ -152,11 +173,18 @@ def write_encrypted(path: Path, data: bytes, keyring: Keyring, context: str) -> 
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace path with data: a crash mid-write never leaves a truncated file for a reader."""
+    with atomic_writer(path) as file:
+        file.write(data)
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A file that replaces path when the block ends: a crash mid-write never leaves a truncated
+    file for a reader."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
-            file.write(data)
+            yield file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -177,14 +205,136 @@ def reencrypt(path: Path, keyring: Keyring, context: str) -> bool:
     return True
 
 
+# Streams -------------------------------------------------------------------------------------
+
+
+def encrypt_stream(
+    plaintext: Iterable[bytes],
+    target: BinaryIO,
+    keyring: Keyring,
+    context: str,
+    *,
+    chunk_size: int = STREAM_CHUNK,
+) -> None:
+    """Write plaintext (pieces of any size) to target in the streaming format, active key."""
+    prefix = secrets.token_bytes(_STREAM_PREFIX_BYTES)
+    header = _header(keyring.active_id, STREAM_MAGIC) + chunk_size.to_bytes(4, "big") + prefix
+    aead, authenticated = AESGCM(keyring.keys[keyring.active_id]), header + context.encode()
+    target.write(header)
+    chunks = _fixed_size(plaintext, chunk_size)
+    chunk, counter = next(chunks, b""), 0
+    while True:
+        following = next(chunks, None)
+        last = following is None
+        target.write(aead.encrypt(_chunk_nonce(prefix, counter, last), chunk, authenticated))
+        if following is None:
+            return
+        chunk, counter = following, counter + 1
+
+
+def decrypt_stream(
+    source: BinaryIO, keyring: Keyring, context: str, *, name: str
+) -> Iterator[bytes]:
+    """The plaintext of a stream-format file, chunk by chunk (see the module docstring)."""
+    key_id, chunk_size, prefix, header = _stream_header(source, keyring, name)
+    aead, authenticated = AESGCM(keyring.keys[key_id]), header + context.encode()
+    sealed_size = chunk_size + _TAG_BYTES
+    chunk, counter = source.read(sealed_size), 0
+    while True:
+        following = source.read(sealed_size)
+        last = not following
+        try:
+            yield aead.decrypt(_chunk_nonce(prefix, counter, last), chunk, authenticated)
+        except InvalidTag as err:
+            raise DecryptionError(
+                f"{name}: authentication failed (altered, truncated or moved)"
+            ) from err
+        if last:
+            return
+        chunk, counter = following, counter + 1
+
+
+def is_stream_encrypted(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(len(STREAM_MAGIC)) == STREAM_MAGIC
+
+
+def encrypt_file(source: Path, target: Path, keyring: Keyring, context: str) -> None:
+    """Encrypt source into target (replaced atomically) in bounded memory."""
+    with source.open("rb") as plain, atomic_writer(target) as sealed:
+        encrypt_stream(iter(lambda: plain.read(STREAM_CHUNK), b""), sealed, keyring, context)
+
+
+def read_decrypted_stream(path: Path, keyring: Keyring, context: str) -> Iterator[bytes]:
+    with path.open("rb") as source:
+        yield from decrypt_stream(source, keyring, context, name=path.name)
+
+
+def rekey_stream(path: Path, keyring: Keyring, context: str) -> bool:
+    """Re-encrypt a stream-format file under the active key if another key sealed it, or
+    encrypt it if it is a plaintext file from before encryption at rest; True if it did."""
+    if not is_stream_encrypted(path):
+        encrypt_file(path, path, keyring, context)
+        return True
+    with path.open("rb") as source:
+        if _stream_header(source, keyring, path.name)[0] == keyring.active_id:
+            return False
+        source.seek(0)
+        with atomic_writer(path) as target:
+            plaintext = decrypt_stream(source, keyring, context, name=path.name)
+            encrypt_stream(plaintext, target, keyring, context)
+    return True
+
+
+def _stream_header(source: BinaryIO, keyring: Keyring, name: str) -> tuple[str, int, bytes, bytes]:
+    """Key id, chunk size, nonce prefix and the header's bytes (authenticated with each chunk)."""
+    start = source.read(len(STREAM_MAGIC) + 1)
+    head = start + source.read(start[-1] if len(start) > len(STREAM_MAGIC) else 0)
+    key_id, end = keyring._parse_header(head, name, STREAM_MAGIC)
+    rest = source.read(4 + _STREAM_PREFIX_BYTES)
+    if len(rest) < 4 + _STREAM_PREFIX_BYTES:
+        raise DecryptionError(f"{name}: truncated")
+    chunk_size = int.from_bytes(rest[:4], "big")
+    if not 0 < chunk_size <= _MAX_STREAM_CHUNK:
+        raise DecryptionError(f"{name}: chunk size out of range")
+    return key_id, chunk_size, rest[4:], head[:end] + rest
+
+
+def _chunk_nonce(prefix: bytes, counter: int, last: bool) -> bytes:
+    # to_bytes raises past 2**32 chunks (4 PiB at the default size) instead of reusing a nonce.
+    return prefix + counter.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+
+
+def _fixed_size(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """Pieces regrouped into chunks of exactly size bytes, the last one shorter (never empty)."""
+    buffer = bytearray()
+    for piece in pieces:
+        if not buffer and len(piece) == size:
+            yield piece  # a file read in chunk-sized pieces is passed through uncopied
+            continue
+        buffer += piece
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
+
+
 __all__ = [
     "DecryptionError",
     "Keyring",
     "add_dev_key",
+    "atomic_writer",
+    "decrypt_stream",
+    "encrypt_file",
+    "encrypt_stream",
+    "is_stream_encrypted",
     "load_keyring",
     "parse_keys",
     "read_decrypted",
+    "read_decrypted_stream",
     "reencrypt",
+    "rekey_stream",
     "write_atomically",
     "write_encrypted",
 ]

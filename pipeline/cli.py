@@ -88,16 +88,18 @@ def run(settings: Settings, drop: Path) -> None:
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_obj
 def decrypt(settings: Settings, path: Path) -> None:
-    """Write the plaintext of an encrypted run PDF or print file to standard output (pipe it to
-    a viewer: it is PHI, so never into a file outside the data directory)."""
+    """Write the plaintext of an encrypted file of the data directory (a run's PDF or print file,
+    an archived drop, a kept bounce report) to standard output: pipe it to a viewer, it is PHI,
+    so never into a file outside the data directory. Exits 1 on an altered or truncated file
+    (for an archived drop, after the chunks read before the damage)."""
     from pipeline.atrest import DecryptionError
-    from pipeline.runner import decrypt_run_file
+    from pipeline.runner import decrypted_file
 
     try:
-        plaintext = decrypt_run_file(settings, path.resolve())
+        for piece in decrypted_file(settings, path.resolve()):
+            sys.stdout.buffer.write(piece)
     except (ValueError, DecryptionError) as err:
         raise click.ClickException(str(err)) from err
-    sys.stdout.buffer.write(plaintext)
 
 
 @main.command()
@@ -108,7 +110,8 @@ def decrypt(settings: Settings, path: Path) -> None:
 )
 @click.pass_obj
 def rekey(settings: Settings, new_dev_key: bool) -> None:
-    """Re-encrypt every PDF, print file and parquet intermediate at rest under the active key."""
+    """Re-encrypt every PHI file at rest under the active key (PDFs, print files, parquet
+    intermediates, rosters, archived drops, kept bounce reports)."""
     from pipeline.atrest import add_dev_key
     from pipeline.runner import rekey as rekey_files
 

@@ -1,8 +1,8 @@
 """Collect what reaches the return path: a maildir or mbox locally, IMAP in production.
 
-Each raw message is identified by its sha256, kept encrypted (Fernet) under the data
-directory for audit, and marked processed at its source only after the ledger commit, so a
-crash re-reads it and the hash makes the second read a no-op.
+Each raw message is identified by its sha256, kept encrypted (the at-rest keyring,
+pipeline.atrest) under the data directory for audit, and marked processed at its source only
+after the ledger commit, so a crash re-reads it and the hash makes the second read a no-op.
 """
 
 from __future__ import annotations
@@ -12,19 +12,26 @@ import imaplib
 import mailbox
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from cryptography.fernet import Fernet
+from cryptography.fernet import Fernet, InvalidToken
 
+from pipeline.atrest import (
+    MAGIC,
+    DecryptionError,
+    Keyring,
+    reencrypt,
+    write_encrypted,
+)
 from pipeline.errors import ConfigError
 
-# The archive key comes from the environment in production; a development data directory
-# gets a key file of its own (mode 0600) so the demo needs no setup.
-ARCHIVE_KEY_ENV = "EOB_ARCHIVE_KEY"
+# Reports kept before they moved onto the at-rest keyring are Fernet tokens under this key (or
+# <data_dir>/archive.key); only `eob rekey` still reads it, to convert them.
+LEGACY_ARCHIVE_KEY_ENV = "EOB_ARCHIVE_KEY"
 
 
 @dataclass(frozen=True)
@@ -159,24 +166,19 @@ def source_from(spec: str, default_maildir: Path) -> Source:
 
 
 class Archive:
-    """Raw reports, encrypted, one file per sha256; its presence means already processed."""
+    """Raw reports, encrypted, one file per sha256; its presence means already processed.
 
-    def __init__(self, directory: Path, key: bytes) -> None:
+    Each file is bound to its hash (the authenticated context): a report renamed to another
+    hash does not decrypt."""
+
+    def __init__(self, directory: Path, keyring: Keyring) -> None:
         self.directory = directory
-        self._fernet = Fernet(key)
+        self._keyring = keyring
         directory.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def in_data_dir(cls, data_dir: Path) -> Archive:
-        key = os.environ.get(ARCHIVE_KEY_ENV, "").encode()
-        if not key:
-            key_file = data_dir / "archive.key"
-            if not key_file.exists():
-                data_dir.mkdir(parents=True, exist_ok=True)
-                key_file.write_bytes(Fernet.generate_key())
-                key_file.chmod(0o600)
-            key = key_file.read_bytes()
-        return cls(data_dir / "returnpath-archive", key)
+    def in_data_dir(cls, data_dir: Path, keyring: Keyring) -> Archive:
+        return cls(data_dir / "returnpath-archive", keyring)
 
     def _path(self, sha256: str) -> Path:
         return self.directory / f"{sha256}.eml.enc"
@@ -185,10 +187,65 @@ class Archive:
         return self._path(sha256).exists()
 
     def keep(self, item: Collected) -> None:
-        path = self._path(item.sha256)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(self._fernet.encrypt(item.raw))
-        tmp.replace(path)
+        write_encrypted(self._path(item.sha256), item.raw, self._keyring, _context(item.sha256))
 
     def read(self, sha256: str) -> bytes:
-        return self._fernet.decrypt(self._path(sha256).read_bytes())
+        return self.read_file(self._path(sha256))
+
+    def read_file(self, path: Path) -> bytes:
+        """A kept report decrypted in memory (path names it: `eob decrypt` passes a path)."""
+        blob = path.read_bytes()
+        if not blob.startswith(MAGIC):
+            raise DecryptionError(f"{path.name}: {_FERNET_REFUSED}")
+        return self._keyring.decrypt(blob, _context(_sha256_of(path)), source=path.name)
+
+    def rekey(self, legacy_key: bytes | None) -> dict[str, int]:
+        """Re-encrypt every kept report under the active key; reports still sealed with the
+        retired Fernet archive key (`legacy_fernet_key`) are converted."""
+        counts = {"reencrypted": 0, "already_current": 0}
+        for path in sorted(self.directory.glob("*.eml.enc")):
+            blob = path.read_bytes()
+            context = _context(_sha256_of(path))
+            if blob.startswith(MAGIC):
+                changed = reencrypt(path, self._keyring, context)
+            else:
+                raw = _fernet_open(path, blob, legacy_key)
+                write_encrypted(path, raw, self._keyring, context)
+                changed = True
+            counts["reencrypted" if changed else "already_current"] += 1
+        return counts
+
+
+_FERNET_REFUSED = (
+    f"sealed with the retired Fernet archive key: run `eob rekey` (with {LEGACY_ARCHIVE_KEY_ENV} "
+    "set, or <data_dir>/archive.key in place) to move it onto the at-rest keyring"
+)
+
+
+def _context(sha256: str) -> str:
+    return f"returnpath:{sha256}"
+
+
+def _sha256_of(path: Path) -> str:
+    return path.name.removesuffix(".eml.enc")
+
+
+def legacy_fernet_key(data_dir: Path, environ: Mapping[str, str]) -> bytes | None:
+    """The retired Fernet archive key, if still configured (only to convert old reports)."""
+    if environ.get(LEGACY_ARCHIVE_KEY_ENV, "").strip():
+        return environ[LEGACY_ARCHIVE_KEY_ENV].strip().encode()
+    key_file = data_dir / "archive.key"
+    return key_file.read_bytes().strip() if key_file.exists() else None
+
+
+def _fernet_open(path: Path, blob: bytes, key: bytes | None) -> bytes:
+    if key is None:
+        raise DecryptionError(f"{path.name}: {_FERNET_REFUSED}")
+    try:
+        return Fernet(key).decrypt(blob)
+    except (InvalidToken, ValueError) as err:
+        # ValueError: the key itself is malformed; neither error's text quotes the key or data.
+        raise DecryptionError(
+            f"{path.name}: not readable with the Fernet archive key ({LEGACY_ARCHIVE_KEY_ENV} "
+            "or <data_dir>/archive.key)"
+        ) from err

@@ -2,7 +2,10 @@
 
 A file is complete when its insurer's profile says so: under "rename" every file that does
 not carry a temporary name; under "marker" only files with a `<name>.ready` beside them.
-Processed files (and their markers) move to archive/<insurer>/<date>/: never deleted.
+Processed files (and their markers) move to archive/<insurer>/<date>/: never deleted. The
+archived copy is encrypted at rest in the streaming format (pipeline.atrest; a drop can be
+gigabytes), bound to its place in the archive; the empty markers carry nothing and stay as
+they are.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from pipeline.atrest import Keyring, encrypt_file
 from pipeline.profiles import InsurerProfile, load_profile
 
 MARKER = ".ready"
@@ -55,16 +59,30 @@ def _is_complete(path: Path, profile: InsurerProfile) -> bool:
     return profile.completion == "rename" or path.with_name(path.name + MARKER).exists()
 
 
-def archive(dropped: DroppedFile, archive_dir: Path, day: date) -> Path:
-    """Move the file (and its marker) to archive/<insurer>/<day>/<sha12>-<name>."""
+def archive(dropped: DroppedFile, archive_dir: Path, day: date, keyring: Keyring) -> Path:
+    """Move the file, encrypted, (and its marker) to archive/<insurer>/<day>/<sha12>-<name>."""
     target_dir = archive_dir / dropped.insurer / day.isoformat()
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{dropped.sha256[:12]}-{dropped.path.name}"
-    dropped.path.replace(target)
+    # The name stays the original's (like an encrypted PDF's): the ledger records it, and
+    # `eob rekey` encrypts archives from before this in place without touching the ledger.
+    encrypt_file(dropped.path, target, keyring, archive_context(target, archive_dir))
+    dropped.path.unlink()
     marker = dropped.path.with_name(dropped.path.name + MARKER)
     if marker.exists():
         marker.replace(target.with_name(target.name + MARKER))
     return target
+
+
+def archive_context(path: Path, archive_dir: Path) -> str:
+    """The authenticated context of an archived drop: its place under the archive, so a copy
+    moved to another insurer or day does not decrypt there."""
+    return "archive/" + path.relative_to(archive_dir).as_posix()
+
+
+def archived_drops(archive_dir: Path) -> list[Path]:
+    """Every archived drop (markers left out)."""
+    return sorted(p for p in archive_dir.glob("*/*/*") if p.is_file() and p.suffix != MARKER)
 
 
 def file_sha256(path: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.policy
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +26,19 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import atrest_parquet, bounces, cases, collect, datasets, reconcile
-from pipeline.atrest import Keyring, load_keyring, read_decrypted, reencrypt, write_encrypted
+from pipeline.atrest import (
+    Keyring,
+    load_keyring,
+    read_decrypted,
+    read_decrypted_stream,
+    reencrypt,
+    rekey_stream,
+    write_encrypted,
+)
 from pipeline.compose import compose_eob_email, compose_portal_notice
 from pipeline.config import Settings
 from pipeline.contracts import load_contract
-from pipeline.drop import DroppedFile, archive, complete_files
+from pipeline.drop import DroppedFile, archive, archive_context, archived_drops, complete_files
 from pipeline.errors import FileRejected
 from pipeline.ingest import ROW, detect_format, ingest_file
 from pipeline.ledger import audit, open_ledger
@@ -206,7 +215,7 @@ def _ingest(ctx: RunContext) -> dict[str, int]:
                     actor="ingest",
                     detail=f"run={ctx.run_id}",
                 )
-                archive(dropped, ctx.settings.archive_dir, datetime.now(UTC).date())
+                _archive(ctx, dropped)
                 counts["skipped"] += 1
                 continue
             record = _register(session, ctx, dropped)
@@ -217,10 +226,12 @@ def _ingest(ctx: RunContext) -> dict[str, int]:
                 _reject(ctx, session, record, err.reason, quarantine=None)
                 log.warning("%s", err)
                 counts["rejected"] += 1
-            record.archived_path = str(
-                archive(dropped, ctx.settings.archive_dir, datetime.now(UTC).date())
-            )
+            record.archived_path = str(_archive(ctx, dropped))
     return counts
+
+
+def _archive(ctx: RunContext, dropped: DroppedFile) -> Path:
+    return archive(dropped, ctx.settings.archive_dir, datetime.now(UTC).date(), ctx.keyring)
 
 
 def _register(session: Session, ctx: RunContext, dropped: DroppedFile) -> InputFile:
@@ -477,13 +488,18 @@ def _encrypted_context(path: Path) -> str:
         return path.stem
     if path.parent.name == "print":
         return _print_context(path.parent.parent.name, path.name)
-    raise ValueError(f"{path.name}: not a PDF or print file of a run")
+    raise ValueError(
+        f"{path.name}: not an encrypted file of the data directory (a run's PDF or print file, "
+        "an archived drop, a kept bounce report)"
+    )
 
 
 def rekey(settings: Settings) -> dict[str, int]:
-    """Re-encrypt every encrypted file of every run, and the rosters, under the active key (key
-    rotation); the old key can be retired once this reports nothing left under it. Parquet
-    intermediates are rewritten (also those written before they were encrypted)."""
+    """Re-encrypt every PHI file at rest under the active key (key rotation): every run's PDFs,
+    print files and parquet intermediates, the rosters, the archived drops and the kept bounce
+    reports. The old key can be retired once this reports nothing left under it. Files from
+    before their class was encrypted (plaintext intermediates and drops, Fernet-sealed
+    reports) are encrypted on the way."""
     keyring = load_keyring(settings.data_dir)
     counts = {"reencrypted": 0, "already_current": 0}
     for path in sorted(settings.runs_dir.glob("*/pdf/*.pdf")) + sorted(
@@ -496,12 +512,28 @@ def rekey(settings: Settings) -> dict[str, int]:
     ):
         changed = atrest_parquet.rekey(path, keyring)
         counts["reencrypted" if changed else "already_current"] += 1
+    for path in archived_drops(settings.archive_dir):
+        changed = rekey_stream(path, keyring, archive_context(path, settings.archive_dir))
+        counts["reencrypted" if changed else "already_current"] += 1
+    reports = collect.Archive.in_data_dir(settings.data_dir, keyring)
+    legacy_key = collect.legacy_fernet_key(settings.data_dir, os.environ)
+    for name, count in reports.rekey(legacy_key).items():
+        counts[name] += count
     return counts
 
 
-def decrypt_run_file(settings: Settings, path: Path) -> bytes:
-    """A run's PDF or print file decrypted, in memory (for `eob decrypt` to a viewer's pipe)."""
-    return read_decrypted(path, load_keyring(settings.data_dir), _encrypted_context(path))
+def decrypted_file(settings: Settings, path: Path) -> Iterator[bytes]:
+    """An encrypted file of the data directory decrypted, in pieces (for `eob decrypt` to a
+    viewer's pipe): a run's PDF or print file, an archived drop or a kept bounce report."""
+    keyring = load_keyring(settings.data_dir)
+    archive_dir = settings.archive_dir.resolve()
+    reports = collect.Archive.in_data_dir(settings.data_dir, keyring)
+    if path.is_relative_to(archive_dir):
+        yield from read_decrypted_stream(path, keyring, archive_context(path, archive_dir))
+    elif path.parent == reports.directory.resolve():
+        yield reports.read_file(path)
+    else:
+        yield read_decrypted(path, keyring, _encrypted_context(path))
 
 
 def _plan(ctx: RunContext) -> dict[str, int]:
@@ -792,7 +824,7 @@ def _record_smtp_rejection(session: Session, message: Message, result: SendResul
 def _bounces(ctx: RunContext) -> dict[str, int]:
     counts = {"reports": 0, "matched": 0, "unmatched": 0, "already_seen": 0}
     source = collect.source_from(ctx.settings.return_path_source, ctx.settings.return_path_maildir)
-    archive = collect.Archive.in_data_dir(ctx.settings.data_dir)
+    archive = collect.Archive.in_data_dir(ctx.settings.data_dir, ctx.keyring)
     for item in source.messages():
         if archive.has(item.sha256):
             counts["already_seen"] += 1

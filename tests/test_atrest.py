@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import io
+import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,10 @@ from hypothesis import strategies as st
 from pipeline import atrest
 from pipeline.atrest import (
     DecryptionError,
+    Keyring,
     add_dev_key,
+    decrypt_stream,
+    encrypt_stream,
     load_keyring,
     parse_keys,
     read_decrypted,
@@ -137,6 +143,47 @@ def test_rekey_command_moves_every_run_file_to_a_new_dev_key(tmp_path: Path) -> 
     assert read_decrypted(run_dir / "print" / "batch.pdf", only_new, "r1:print/batch.pdf") == PDF
 
 
+def test_rekey_command_rotates_archived_drops_and_kept_reports_and_converts_old_ones(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+    from cryptography.fernet import Fernet
+
+    from pipeline.cli import main
+    from pipeline.collect import Archive, Collected
+
+    data_dir = tmp_path / "data"
+    old = load_keyring(data_dir, {})
+    drops = data_dir / "archive" / "acme" / "2026-11-22"
+    drops.mkdir(parents=True)
+    (drops / "a-claims.csv").write_bytes(PDF)  # archived before drops were encrypted
+    with (drops / "b-claims.csv").open("wb") as target:
+        encrypt_stream([PDF], target, old, "archive/acme/2026-11-22/b-claims.csv")
+    (drops / "b-claims.csv.ready").write_bytes(b"")  # a marker: nothing to protect
+    reports = Archive.in_data_dir(data_dir, old)
+    current, legacy = Collected("1", b"To: ana@example.org"), Collected("2", b"To: bo@example.org")
+    reports.keep(current)
+    (data_dir / "archive.key").write_bytes(fernet_key := Fernet.generate_key())
+    (reports.directory / f"{legacy.sha256}.eml.enc").write_bytes(
+        Fernet(fernet_key).encrypt(legacy.raw)
+    )
+
+    environment = {"EOB_DATA_DIR": str(data_dir), atrest.ENV_VAR: "", "EOB_ARCHIVE_KEY": ""}
+    result = CliRunner().invoke(main, ["rekey", "--new-dev-key"], env=environment)
+
+    assert result.exit_code == 0, result.output
+    assert re.search(r"reencrypted\W+4\W", result.output)
+    assert re.search(r"already current\W+0\W", result.output)
+    new = load_keyring(data_dir, {})
+    only_new = atrest.Keyring({new.active_id: new.keys[new.active_id]}, new.active_id)
+    for name in ("a-claims.csv", "b-claims.csv"):
+        context = f"archive/acme/2026-11-22/{name}"
+        assert b"".join(atrest.read_decrypted_stream(drops / name, only_new, context)) == PDF
+    assert (drops / "b-claims.csv.ready").read_bytes() == b""
+    moved = Archive.in_data_dir(data_dir, only_new)
+    assert [moved.read(i.sha256) for i in (current, legacy)] == [current.raw, legacy.raw]
+
+
 def test_decrypt_command_pipes_the_plaintext_and_refuses_other_files(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -156,4 +203,103 @@ def test_decrypt_command_pipes_the_plaintext_and_refuses_other_files(tmp_path: P
     elsewhere.write_bytes(path.read_bytes())
     refused = CliRunner().invoke(main, ["decrypt", str(elsewhere)], env=environment)
     assert refused.exit_code == 1 and PDF not in refused.stdout_bytes
-    assert "s1.pdf: not a PDF or print file of a run" in refused.output
+    assert "s1.pdf: not an encrypted file of the data directory" in refused.output
+
+
+# Streams ---------------------------------------------------------------------------------------
+
+CHUNK = 64
+RING_B_FIRST = parse_keys(f"b1:{KEY_B},a1:{KEY_A}", source="test")
+
+
+def _sealed(data: bytes, context: str = "archive/acme/claims.csv", *, pieces: int = 1) -> bytes:
+    target = io.BytesIO()
+    step = max(1, len(data) // pieces)
+    split = [data[i : i + step] for i in range(0, len(data), step)]
+    encrypt_stream(split, target, RING_A, context, chunk_size=CHUNK)
+    return target.getvalue()
+
+
+def _opened(blob: bytes, context: str = "archive/acme/claims.csv", ring: Keyring = RING_A) -> bytes:
+    return b"".join(decrypt_stream(io.BytesIO(blob), ring, context, name="claims.csv"))
+
+
+# Sizes cluster around chunk boundaries, where the last-chunk rule matters.
+_SIZES = st.one_of(
+    st.integers(0, 5 * CHUNK),
+    st.sampled_from([n * CHUNK + d for n in range(4) for d in (-1, 0, 1)]).filter(lambda n: n >= 0),
+)
+
+
+@given(size=_SIZES, pieces=st.integers(1, 7), seed=st.binary(min_size=1, max_size=8))
+def test_stream_round_trip_at_any_size_and_piece_split(size: int, pieces: int, seed: bytes) -> None:
+    data = (seed * (size // len(seed) + 1))[:size]
+    blob = _sealed(data, pieces=pieces)
+    assert _opened(blob) == data
+    chunks = max(1, -(-size // CHUNK))
+    assert len(blob) == len(_sealed(b"")) - 16 + size + 16 * chunks  # header + data + a tag each
+
+
+def _chunks_of(blob: bytes) -> tuple[bytes, list[bytes]]:
+    header_size = len(_sealed(b"")) - 16
+    body = blob[header_size:]
+    return blob[:header_size], [body[i : i + CHUNK + 16] for i in range(0, len(body), CHUNK + 16)]
+
+
+DRAWN = bytes(range(256)) * 2  # 512 bytes: eight full chunks
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda h, c: h + b"".join(c[:-1]), id="last chunk removed"),
+        pytest.param(lambda h, c: h + b"".join(c[:3]), id="cut at a chunk boundary"),
+        pytest.param(lambda h, c: h + b"".join(c)[:-5], id="cut inside a chunk"),
+        pytest.param(lambda h, c: h + b"".join([c[1], c[0], *c[2:]]), id="chunks reordered"),
+        pytest.param(lambda h, c: h + b"".join([*c, c[-1]]), id="last chunk repeated"),
+        pytest.param(lambda h, c: h, id="header only"),
+    ],
+)
+def test_stream_truncation_reordering_and_last_chunk_removal_are_detected(
+    tamper: Callable[[bytes, list[bytes]], bytes],
+) -> None:
+    header, chunks = _chunks_of(_sealed(DRAWN))
+    assert len(chunks) == 8
+    with pytest.raises(DecryptionError, match="claims.csv: authentication failed"):
+        _opened(tamper(header, chunks))
+
+
+def test_stream_chunks_from_another_file_and_another_context_are_refused() -> None:
+    header, chunks = _chunks_of(_sealed(DRAWN))
+    other_header, other_chunks = _chunks_of(_sealed(DRAWN))  # same plaintext, another nonce prefix
+    with pytest.raises(DecryptionError, match="authentication failed"):
+        _opened(header + b"".join([other_chunks[0], *chunks[1:]]))
+    with pytest.raises(DecryptionError, match="authentication failed"):
+        _opened(header + b"".join(chunks), context="archive/acme/other.csv")
+
+
+def test_stream_header_names_a_missing_key_and_a_forged_chunk_size() -> None:
+    blob = _sealed(DRAWN)
+    only_b = parse_keys(f"b1:{KEY_B}", source="test")
+    with pytest.raises(DecryptionError, match="claims.csv: encrypted with key 'a1', not in the"):
+        _opened(blob, ring=only_b)
+    size_at = len(atrest.STREAM_MAGIC) + 1 + len("a1")
+    forged = blob[:size_at] + (1 << 30).to_bytes(4, "big") + blob[size_at + 4 :]
+    with pytest.raises(DecryptionError, match="chunk size out of range"):
+        _opened(forged)
+    with pytest.raises(DecryptionError, match="not an encrypted"):
+        _opened(DRAWN)
+
+
+def test_rekey_stream_encrypts_plaintext_then_rotates_in_bounded_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "claims.csv"
+    data = b"member_id,email\nM1,ana@example.org\n" * 100_000  # 3.4 MB: several default chunks
+    path.write_bytes(data)
+    assert atrest.rekey_stream(path, RING_A, "c") is True  # a plaintext archive from before
+    assert b"ana@example.org" not in path.read_bytes()
+    assert b"".join(atrest.read_decrypted_stream(path, RING_A, "c")) == data
+    assert atrest.rekey_stream(path, RING_A, "c") is False
+    assert atrest.rekey_stream(path, RING_B_FIRST, "c") is True
+    only_b = parse_keys(f"b1:{KEY_B}", source="test")
+    assert b"".join(atrest.read_decrypted_stream(path, only_b, "c")) == data
+    assert [p.name for p in tmp_path.iterdir()] == ["claims.csv"]  # no temporary left behind

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import mailbox
 from pathlib import Path
 
 import pytest
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet
 
-from pipeline.collect import Archive, Collected, MaildirSource, MboxSource
+from pipeline.atrest import DecryptionError, parse_keys
+from pipeline.collect import Archive, Collected, MaildirSource, MboxSource, legacy_fernet_key
 from pipeline.plan import verp_return_path
 from pipeline.sink import delivery_status_notification
 
 DOMAIN = "bounces.eob.example.com"
+KEY_A = base64.b64encode(bytes(range(32))).decode()
+KEY_B = base64.b64encode(bytes(range(32, 64))).decode()
+RING_A = parse_keys(f"a1:{KEY_A}", source="test")
+ROTATED = parse_keys(f"b1:{KEY_B},a1:{KEY_A}", source="test")
 
 
 def _dsn(token: str) -> bytes:
@@ -36,26 +42,53 @@ def test_a_source_yields_each_message_until_marked(tmp_path: Path, kind: str):
 
 
 def test_the_archive_keeps_raw_reports_encrypted_and_knows_them_by_hash(tmp_path: Path):
-    key = Fernet.generate_key()
-    archive = Archive(tmp_path / "archive", key)
+    archive = Archive(tmp_path / "archive", RING_A)
     item = Collected("k", _dsn("m1"))
     assert not archive.has(item.sha256)
     archive.keep(item)
     assert archive.has(item.sha256)
-    stored = next((tmp_path / "archive").iterdir()).read_bytes()
-    assert b"gone@example.org" not in stored  # PHI is not readable at rest
+    [stored] = (tmp_path / "archive").iterdir()
+    assert stored.name == f"{item.sha256}.eml.enc"
+    assert b"gone@example.org" not in stored.read_bytes()  # PHI is not readable at rest
+    assert RING_A.key_id_of(stored.read_bytes()) == "a1"
     assert archive.read(item.sha256) == item.raw
-    with pytest.raises(InvalidToken):
-        Archive(tmp_path / "archive", Fernet.generate_key()).read(item.sha256)
+
+    with pytest.raises(DecryptionError) as caught:
+        Archive(tmp_path / "archive", parse_keys(f"b1:{KEY_B}", source="t")).read(item.sha256)
+    assert str(caught.value) == f"{stored.name}: encrypted with key 'a1', not in the keyring"
+    renamed = stored.with_name("0" * 64 + ".eml.enc")  # bound to its hash: no swapping reports
+    stored.rename(renamed)
+    with pytest.raises(DecryptionError, match="authentication failed") as caught:
+        archive.read("0" * 64)
+    assert "gone@example.org" not in str(caught.value)
 
 
-def test_a_development_key_is_made_once_and_private(tmp_path: Path, monkeypatch):
-    monkeypatch.delenv("EOB_ARCHIVE_KEY", raising=False)
-    first = Archive.in_data_dir(tmp_path)
-    item = Collected("k", b"raw")
-    first.keep(item)
-    assert Archive.in_data_dir(tmp_path).read(item.sha256) == b"raw"
-    assert (tmp_path / "archive.key").stat().st_mode & 0o777 == 0o600
+def test_rekey_rotates_kept_reports_and_converts_fernet_ones(tmp_path: Path):
+    archive = Archive(tmp_path / "archive", RING_A)
+    current, legacy = Collected("k1", _dsn("m1")), Collected("k2", _dsn("m2"))
+    archive.keep(current)
+    # What the collector wrote before the keyring: a Fernet token under archive.key.
+    fernet_key = Fernet.generate_key()
+    legacy_path = tmp_path / "archive" / f"{legacy.sha256}.eml.enc"
+    legacy_path.write_bytes(Fernet(fernet_key).encrypt(legacy.raw))
+
+    with pytest.raises(DecryptionError, match=rf"{legacy_path.name}: .*Fernet.*`eob rekey`"):
+        archive.read(legacy.sha256)
+    with pytest.raises(DecryptionError, match=rf"{legacy_path.name}: .*Fernet.*`eob rekey`"):
+        Archive(tmp_path / "archive", RING_A).rekey(None)
+
+    rotated = Archive(tmp_path / "archive", ROTATED)
+    assert rotated.rekey(fernet_key) == {"reencrypted": 2, "already_current": 0}
+    assert rotated.rekey(fernet_key) == {"reencrypted": 0, "already_current": 2}
+    only_b = Archive(tmp_path / "archive", parse_keys(f"b1:{KEY_B}", source="t"))
+    assert [only_b.read(i.sha256) for i in (current, legacy)] == [current.raw, legacy.raw]
+
+
+def test_the_legacy_archive_key_comes_from_the_environment_or_the_old_key_file(tmp_path: Path):
+    assert legacy_fernet_key(tmp_path, {}) is None
+    (tmp_path / "archive.key").write_bytes(b"file-key\n")
+    assert legacy_fernet_key(tmp_path, {}) == b"file-key"
+    assert legacy_fernet_key(tmp_path, {"EOB_ARCHIVE_KEY": "env-key"}) == b"env-key"
 
 
 def test_the_bounces_stage_processes_a_report_once(sink, tmp_path: Path):

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from pipeline.atrest import DecryptionError
 from pipeline.config import Settings
 from pipeline.drop import complete_files
 from pipeline.errors import ConfigError
 from pipeline.ledger import open_ledger
 from pipeline.ledger.models import InputFile
 from pipeline.profiles import load_profile
-from pipeline.runner import run_stage, start_run
+from pipeline.runner import decrypted_file, run_stage, start_run
 from tests.conftest import REPO
 
 SAMPLE = REPO / "data_samples" / "landing" / "acme" / "claims_2026-10.csv"
@@ -96,6 +97,19 @@ def test_versions_archive_and_duplicates(settings, tmp_path):
         archived = [Path(f.archived_path or "") for f in files]
     assert all(p.is_file() and p.is_relative_to(settings.archive_dir) for p in archived)
     assert len(list(settings.archive_dir.rglob("*.csv"))) == 3  # the skipped copy is kept too
+    # Kept encrypted, and `eob decrypt` (decrypted_file) gives the original back.
+    assert all(b"CLM5007" not in p.read_bytes() for p in archived)
+    assert b"".join(decrypted_file(settings, archived[0].resolve())) == SAMPLE.read_bytes()
+
+
+def test_an_archived_drop_moved_to_another_insurer_or_day_does_not_decrypt(settings, tmp_path):
+    ingest_and_validate(settings, drop_with(tmp_path, "acme", {"claims.csv": SAMPLE.read_bytes()}))
+    [archived] = settings.archive_dir.rglob("*.csv")
+    moved = settings.archive_dir / "other" / "2020-01-01" / archived.name
+    moved.parent.mkdir(parents=True)
+    archived.rename(moved)
+    with pytest.raises(DecryptionError, match=f"{archived.name}: authentication failed"):
+        b"".join(decrypted_file(settings, moved.resolve()))
 
 
 def test_a_rejected_file_gets_a_report_without_values(settings, tmp_path, monkeypatch):
