@@ -57,16 +57,12 @@ class MaildirSource:
     def messages(self) -> Iterator[Collected]:
         box = mailbox.Maildir(self.path, create=True)
         for key in sorted(box.keys()):
-            if "S" not in box.get_message(key).get_flags():
-                yield Collected(key, box.get_bytes(key))
+            yield Collected(key, box.get_bytes(key))
 
     def mark_processed(self, ref: str) -> None:
-        """Move to cur/ with the Seen flag, as a mail client would."""
-        box = mailbox.Maildir(self.path, create=False)
-        report = box[ref]
-        report.set_subdir("cur")
-        report.add_flag("S")
-        box[ref] = report
+        """Remove the report: its encrypted copy under returnpath-archive/ is the record, and a
+        processed report must not rest in plaintext in the data directory."""
+        mailbox.Maildir(self.path, create=False).discard(ref)
 
 
 @dataclass(frozen=True)

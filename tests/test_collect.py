@@ -39,6 +39,8 @@ def test_a_source_yields_each_message_until_marked(tmp_path: Path, kind: str):
     assert len(first) == 2
     source.mark_processed(first[0].ref)
     assert [c.raw for c in source.messages()] == [first[1].raw]
+    if kind == "maildir":  # the data directory's maildir keeps no processed report in plaintext
+        assert b"m1" not in b"".join(f.read_bytes() for f in path.rglob("*") if f.is_file())
 
 
 def test_the_archive_keeps_raw_reports_encrypted_and_knows_them_by_hash(tmp_path: Path):
