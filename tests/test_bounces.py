@@ -284,6 +284,35 @@ def test_missing_mailbox_words_need_a_stage_or_the_providers_own_answer(
     assert classify(status, text, stage, hosts) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "stage", "hosts", "expected"),
+    [
+        # Orange and La Poste codes decide, whatever the stage; another host's text does not.
+        ("550 5.5.0 Invalid recipient. LPN007_416", SmtpStage.DATA, "laposte.net",
+         BounceClass.HARD_BOUNCE),
+        ("421 mwinf5c77 ME Service refused, please try later. OFR_999 [999]", SmtpStage.CONNECT,
+         "wanadoo.fr\nsmtp-in.orange.fr", BounceClass.POLICY_BLOCK),
+        ("552 5.1.1 Recipient overquota. OFR_417 [417]", SmtpStage.RCPT, "orange.fr",
+         BounceClass.SOFT_BOUNCE),
+        ("550 5.5.0 Invalid recipient. LPN007_416", SmtpStage.DATA, "example.org",
+         BounceClass.POLICY_BLOCK),
+        # Spectrum's AUP codes: connection limits are temporary, the rest are blocks.
+        ("550 5.1.0 <x@example.net> sender rejected. AUP#In-1310", None, "charter.net",
+         BounceClass.SOFT_BOUNCE),
+        ("554 5.7.1 Your IP address has been blocked. AUP#In-1000", None, "charter.net",
+         BounceClass.POLICY_BLOCK),
+        # Yahoo refuses a missing mailbox after DATA.
+        ("554 delivery error: dd This user doesn't have a yahoo.com account", SmtpStage.DATA,
+         "yahoo.com\nmta6.am0.yahoodns.net", BounceClass.HARD_BOUNCE),
+        ("554 delivery error: dd This user doesn't have a example.com account", SmtpStage.DATA,
+         "example.com", BounceClass.POLICY_BLOCK),
+    ],
+)  # fmt: skip
+def test_providers_own_codes_decide(text, stage, hosts, expected):
+    # As a DSN would report them: a permanent failure's general status.
+    assert classify("5.0.0", text, stage, hosts) == expected
+
+
 def test_a_providers_rule_reads_the_dsns_mta_names():
     # MessageLabs documents "No such user" as an invalid recipient; a McAfee gateway's same
     # words, with no stage, may be a filter's.
