@@ -463,17 +463,14 @@ def _recipient_blocks(status_part: Message) -> list[Message]:
 
 
 def _reporting_mta(status_part: Message) -> str | None:
-    """The Reporting-MTA of a delivery-status part (its per-message block)."""
+    """The Reporting-MTA field of a delivery-status part (its per-message block)."""
     payload = status_part.get_payload()
-    blocks = payload if isinstance(payload, list) else [status_part]
-    for block in blocks:
-        if isinstance(block, Message) and (value := block.get("Reporting-MTA")):
-            return str(value)
-    found = (
-        re.search(r"^Reporting-MTA:(.*)$", payload, re.I | re.M)
-        if isinstance(payload, str)
-        else None
-    )
+    if isinstance(payload, list):
+        fields = (b.get("Reporting-MTA") for b in payload if isinstance(b, Message))
+        return next((str(f) for f in fields if f), None)
+    # A report sent as an unparsed string (see _recipient_blocks): the field's line.
+    text = payload if isinstance(payload, str) else ""
+    found = re.search(r"^Reporting-MTA:(.*)$", text, re.IGNORECASE | re.MULTILINE)
     return found.group(1) if found else None
 
 
