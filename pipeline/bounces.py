@@ -95,15 +95,18 @@ class Rule:
     text: re.Pattern[str] | None
     # The SMTP stages (SmtpStage values, or STAGE_UNSTATED) the rule applies to; None: any.
     stages: frozenset[str] | None = None
+    # The mail hosts the rule applies to (a pattern over the report's host names); None: any.
+    hosts: re.Pattern[str] | None = None
 
-    def matches(self, status: str | None, text: str, stage: SmtpStage | None) -> bool:
-        # A rule needs every pattern it has, and at least one pattern.
+    def matches(self, status: str | None, text: str, stage: SmtpStage | None, hosts: str) -> bool:
+        # A rule needs every pattern it has, and at least one status or text pattern.
         if self.status is None and self.text is None:
             return False
         status_ok = self.status is None or bool(status and self.status.search(status))
         text_ok = self.text is None or bool(self.text.search(text))
         stage_ok = self.stages is None or (stage or STAGE_UNSTATED) in self.stages
-        return status_ok and text_ok and stage_ok
+        hosts_ok = self.hosts is None or bool(self.hosts.search(hosts))
+        return status_ok and text_ok and stage_ok and hosts_ok
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ def load_rules(path: Path = RULES_FILE) -> Rules:
                 re.compile(item["status"]) if "status" in item else None,
                 pattern(item["text"]) if "text" in item else None,
                 _stages(item["stage"]) if "stage" in item else None,
+                pattern(item["host"]) if "host" in item else None,
             )
             for item in raw["rule"]
         ),
@@ -186,13 +190,27 @@ def smtp_stage(text: str | None) -> SmtpStage | None:
     return min(found)[1] if found else None
 
 
-def classify(status: str | None, text: str | None, stage: SmtpStage | None = None) -> BounceClass:
-    """The first rule matching the enhanced status code, the reply text and the SMTP stage."""
+def classify(
+    status: str | None, text: str | None, stage: SmtpStage | None = None, hosts: str = ""
+) -> BounceClass:
+    """The first rule matching the enhanced status code, the reply text, the SMTP stage and the
+    mail hosts the report names (see `mail_hosts`)."""
     flat = " ".join((text or "").split())
     for rule in load_rules().rules:
-        if rule.matches(status, flat, stage):
+        if rule.matches(status, flat, stage, hosts):
             return rule.bounce_class
     return BounceClass.UNKNOWN
+
+
+def mail_hosts(recipient: str | None, *mtas: str | None) -> str:
+    """The host names a report gives, one a line, lower case: the recipient's domain and the
+    MTAs' names (Remote-MTA, Reporting-MTA: "dns; mx.example.org"), for rules that hold only
+    for one provider's servers."""
+    names = [recipient.rpartition("@")[2]] if recipient and "@" in recipient else []
+    for mta in mtas:
+        if mta and (name := str(mta).partition(";")[2].split()):
+            names.append(name[0])
+    return "\n".join(n.strip(".").lower() for n in names)
 
 
 def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
@@ -227,9 +245,10 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
     human = _human_text(message)
     if (status_part := _part(message, "message/delivery-status")) is not None:
         blocks = _recipient_blocks(status_part)
+        reporting_mta = _reporting_mta(status_part)
         if blocks:
             return [
-                report(i, ReportKind.DSN, _dsn_block(block, human))
+                report(i, ReportKind.DSN, _dsn_block(block, human, reporting_mta))
                 for i, block in enumerate(blocks)
             ]
     temporary, permanent = _flufl_failures(message)
@@ -282,7 +301,7 @@ def smtp_rejection(code: int, reply: str) -> tuple[str | None, BounceClass]:
     return status, classify(status, reply, smtp_stage(reply))
 
 
-def _dsn_block(block: Message, human: str) -> _Finding:
+def _dsn_block(block: Message, human: str, reporting_mta: str | None) -> _Finding:
     # Original-Recipient is the address we sent to; Final-Recipient may be after aliasing, or
     # in another address type (X.400).
     recipient = _rfc822_address(block.get("Original-Recipient")) or _address(
@@ -298,10 +317,11 @@ def _dsn_block(block: Message, human: str) -> _Finding:
         return _Finding(recipient, status, diagnostic, BounceClass.DELIVERED, finality)
     # The stage: the diagnostic's, else the MTA's own explanation's (where Postfix gives it).
     stage = smtp_stage(diagnostic) or smtp_stage(explanation)
+    hosts = mail_hosts(recipient, block.get("Remote-MTA"), reporting_mta)
     # The diagnostic first; the MTA's own explanation when the diagnostic explains nothing.
-    bounce_class = classify(status, diagnostic, stage)
+    bounce_class = classify(status, diagnostic, stage, hosts)
     if bounce_class == BounceClass.UNKNOWN or not diagnostic:
-        bounce_class = classify(status, explanation, stage)
+        bounce_class = classify(status, explanation, stage, hosts)
     if finality == Finality.DELAYED and bounce_class in {
         BounceClass.HARD_BOUNCE,
         BounceClass.UNKNOWN,
@@ -336,11 +356,12 @@ def _non_standard(
     # A transcript quotes the server's 2xx replies too: the failure's code is the one wanted.
     status = enhanced_status(text, failures_only=True)
     stage = smtp_stage(text)
+    hosts = mail_hosts(recipient)
     finality = finality or _text_finality(text)
-    bounce_class = classify(status, text, stage)
+    bounce_class = classify(status, text, stage, hosts)
     if bounce_class == BounceClass.UNKNOWN and recipient and len(recipients) <= 1:
         # A one-recipient report may give the reason before naming the address.
-        bounce_class = classify(status, human, stage)
+        bounce_class = classify(status, human, stage, hosts)
     if bounce_class == BounceClass.UNKNOWN and finality == Finality.DELAYED:
         # A delay warning whose words no rule explains is still a temporary problem.
         bounce_class = BounceClass.SOFT_BOUNCE
@@ -439,6 +460,18 @@ def _recipient_blocks(status_part: Message) -> list[Message]:
         text = payload if isinstance(payload, str) else ""
         blocks = [message_from_bytes(b.strip().encode()) for b in re.split(r"\n\s*\n", text)]
     return [b for b in blocks if b.get("Final-Recipient") or b.get("Original-Recipient")]
+
+
+def _reporting_mta(status_part: Message) -> str | None:
+    """The Reporting-MTA field of a delivery-status part (its per-message block)."""
+    payload = status_part.get_payload()
+    if isinstance(payload, list):
+        fields = (b.get("Reporting-MTA") for b in payload if isinstance(b, Message))
+        return next((str(f) for f in fields if f), None)
+    # A report sent as an unparsed string (see _recipient_blocks): the field's line.
+    text = payload if isinstance(payload, str) else ""
+    found = re.search(r"^Reporting-MTA:(.*)$", text, re.IGNORECASE | re.MULTILINE)
+    return found.group(1) if found else None
 
 
 def _feedback_recipients(feedback: Message, message: Message) -> list[str | None]:

@@ -12,6 +12,7 @@ from pipeline.bounces import (
     SmtpStage,
     classify,
     enhanced_status,
+    mail_hosts,
     parse_report,
     smtp_stage,
 )  # fmt: skip
@@ -87,7 +88,6 @@ def test_a_recipient_repeated_in_one_report_gets_distinct_keys():
         ("5.7.1", "550 5.7.1 mailbox unavailable for your IP", BounceClass.POLICY_BLOCK),
         ("4.2.2", "452 4.2.2 mailbox full", BounceClass.SOFT_BOUNCE),
         ("5.2.2", "552 5.2.2 over quota", BounceClass.SOFT_BOUNCE),
-        (None, "550 No such user here", BounceClass.HARD_BOUNCE),
         ("2.0.0", "250 delivered", BounceClass.DELIVERED),
         ("5.3.0", "554 other", BounceClass.SOFT_BOUNCE),
         ("5.0.0", "554 no words we know", BounceClass.UNKNOWN),
@@ -250,13 +250,81 @@ def _dsn(diagnostic: str, *, human: str = "", action: str = "failed", status: st
             SmtpStage.CONNECT,
             BounceClass.POLICY_BLOCK,
         ),
-        ("<gone@example.org>: 550 User unknown", None, BounceClass.HARD_BOUNCE),
+        # No stage named: the words alone do not show the address was refused (sisimai's
+        # "filtered").
+        ("<gone@example.org>: 550 User unknown", None, BounceClass.POLICY_BLOCK),
     ],
 )
 def test_the_smtp_stage_decides_whether_the_address_was_refused(human, stage, expected):
     [report] = parse_report(_dsn("550 User unknown", human=human), return_path_domain=DOMAIN)
     assert report.smtp_stage == stage
     assert report.bounce_class == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "stage", "hosts", "expected"),
+    [
+        ("5.0.0", "550 No such user here", None, "", BounceClass.POLICY_BLOCK),
+        ("5.0.0", "550 No such user here", SmtpStage.RCPT, "", BounceClass.HARD_BOUNCE),
+        ("5.1.1", "550 No such user here", None, "", BounceClass.HARD_BOUNCE),
+        # Exchange 2003's own diagnostic codes.
+        (None, "MSEXCH:IMS:X 0 (000C05A6) Unknown Recipient", None, "", BounceClass.HARD_BOUNCE),
+        (None, "MSEXCH:IMS:X 0 (000C0595) Ambiguous", None, "", BounceClass.POLICY_BLOCK),
+        # KDDI's two answers; the same words from another provider follow the default.
+        (None, "550 <a@ezweb.ne.jp>: User unknown", None, "ezweb.ne.jp", BounceClass.HARD_BOUNCE),
+        ("5.0.0", "550 : User unknown", None, "lsean.ezweb.ne.jp", BounceClass.POLICY_BLOCK),
+        (None, "550 <a@example.org>: User unknown", None, "example.org", BounceClass.POLICY_BLOCK),
+        (None, "Error: Invalid user address 550 - Requested action not taken: no such user here",
+         None, "vtext.com", BounceClass.HARD_BOUNCE),
+    ],
+)  # fmt: skip
+def test_missing_mailbox_words_need_a_stage_or_the_providers_own_answer(
+    status, text, stage, hosts, expected
+):
+    assert classify(status, text, stage, hosts) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "stage", "hosts", "expected"),
+    [
+        # Orange and La Poste codes decide, whatever the stage; another host's text does not.
+        ("550 5.5.0 Invalid recipient. LPN007_416", SmtpStage.DATA, "laposte.net",
+         BounceClass.HARD_BOUNCE),
+        ("421 mwinf5c77 ME Service refused, please try later. OFR_999 [999]", SmtpStage.CONNECT,
+         "wanadoo.fr\nsmtp-in.orange.fr", BounceClass.POLICY_BLOCK),
+        ("552 5.1.1 Recipient overquota. OFR_417 [417]", SmtpStage.RCPT, "orange.fr",
+         BounceClass.SOFT_BOUNCE),
+        ("550 5.5.0 Invalid recipient. LPN007_416", SmtpStage.DATA, "example.org",
+         BounceClass.POLICY_BLOCK),
+        # Spectrum's AUP codes: connection limits are temporary, the rest are blocks.
+        ("550 5.1.0 <x@example.net> sender rejected. AUP#In-1310", None, "charter.net",
+         BounceClass.SOFT_BOUNCE),
+        ("554 5.7.1 Your IP address has been blocked. AUP#In-1000", None, "charter.net",
+         BounceClass.POLICY_BLOCK),
+        # Yahoo refuses a missing mailbox after DATA.
+        ("554 delivery error: dd This user doesn't have a yahoo.com account", SmtpStage.DATA,
+         "yahoo.com\nmta6.am0.yahoodns.net", BounceClass.HARD_BOUNCE),
+        ("554 delivery error: dd This user doesn't have a example.com account", SmtpStage.DATA,
+         "example.com", BounceClass.POLICY_BLOCK),
+    ],
+)  # fmt: skip
+def test_providers_own_codes_decide(text, stage, hosts, expected):
+    # As a DSN would report them: a permanent failure's general status.
+    assert classify("5.0.0", text, stage, hosts) == expected
+
+
+def test_a_providers_rule_reads_the_dsns_mta_names():
+    # MessageLabs documents "No such user" as an invalid recipient; a McAfee gateway's same
+    # words, with no stage, may be a filter's.
+    raw = _dsn("550 gone@example.org... No such user")
+    messagelabs = raw.replace(b"dns; mx.example.net", b"dns; server-9.bemta-2.messagelabs.com")
+    [report] = parse_report(messagelabs, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.HARD_BOUNCE
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.POLICY_BLOCK
+    assert (
+        mail_hosts("a@Example.org", "dns; MX.example.net.", None) == "example.org\nmx.example.net"
+    )
 
 
 @pytest.mark.parametrize(
@@ -269,6 +337,10 @@ def test_the_smtp_stage_decides_whether_the_address_was_refused(human, stage, ex
         ("192.0.2.1 does not like recipient. Remote host said: 550", SmtpStage.RCPT),
         ("SMTP error from remote mail server after initial connection: 554", SmtpStage.CONNECT),
         ("550 mailbox unavailable", None),
+        (
+            "SMTP:RCPT host 192.0.2.8: 553 5.3.0 <a@example.com>... No such user here",
+            SmtpStage.RCPT,
+        ),
     ],
 )
 def test_stage_wording_of_common_mtas(text, stage):
@@ -310,9 +382,9 @@ def test_each_listed_recipient_gets_the_reason_on_its_own_lines():
     raw = _non_standard(
         "The following addresses failed:\r\n"
         "<full@example.org>: 552 mailbox full\r\n"
-        "<gone@example.org>: 550 no such user\r\n"
+        "<gone@example.org>: 550 5.1.1 no such user\r\n"
         "<alias@example.org> (generated from list@example.org)\r\n"
-        "  550 no such user\r\n"
+        "  550 5.1.1 no such user\r\n"
     )
     reports = parse_report(raw, return_path_domain=DOMAIN)
     got = {r.recipient: r.bounce_class for r in reports}
@@ -327,7 +399,7 @@ def test_each_listed_recipient_gets_the_reason_on_its_own_lines():
     [
         # A one-recipient report may give its reason before it names the address.
         (
-            "Error: Invalid user address\r\n550 no such user here\r\n\r\n"
+            "Error: Invalid user address\r\n550 this account has been disabled\r\n\r\n"
             "Message details:\r\n  MAIL FROM: bounces@eob.example.com\r\n"
             "  RCPT TO: gone@example.org\r\n",
             ("gone@example.org", None, BounceClass.HARD_BOUNCE),
