@@ -8,7 +8,6 @@ Steps return counts only (safe for logs and Airflow XComs: no PHI).
 from __future__ import annotations
 
 import asyncio
-import email.policy
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -632,7 +631,7 @@ def _send(ctx: RunContext) -> dict[str, int]:
             # Decrypted in memory only: the plaintext PDF is never written anywhere.
             pdf=read_decrypted(statement.pdf, keyring, statement.statement_id),
         )
-        return signer.sign(content.as_bytes(policy=email.policy.SMTP))
+        return signer.sign(content)
 
     def notice(message: Outgoing) -> bytes:
         content = compose_portal_notice(
@@ -642,7 +641,7 @@ def _send(ctx: RunContext) -> dict[str, int]:
             portal_url=policy.portal_url,
             language=parts[message.message_id].language,
         )
-        return signer.sign(content.as_bytes(policy=email.policy.SMTP))
+        return signer.sign(content)
 
     def record(events: Sequence[Event]) -> None:
         """One transaction per batch: claims move to `sending`, results to their outcome."""
