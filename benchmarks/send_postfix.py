@@ -174,12 +174,15 @@ def seed(settings: Settings, run_id: str, count: int, pdf: Path) -> None:
 
 
 def per_ip_rates(settings: Settings, run_id: str) -> dict[str, float]:
-    """Achieved accepted messages per second per source IP, from the ledger's transition times."""
+    """Achieved messages per second per source IP, from the times their claims were committed
+    (`sending`): a claim is committed right after the IP's token bucket lets the message go,
+    just before its SMTP transaction. (A result is committed later, with the connection's next
+    claim, so its time says when it was recorded rather than when the server replied.)"""
     with open_ledger(settings.ledger_url)() as session:
         rows = session.execute(
             select(Message.source_ip, StateTransition.at)
             .join(StateTransition, StateTransition.entity_id == Message.message_id)
-            .where(Message.run_id == run_id, StateTransition.to_state == MessageState.ACCEPTED)
+            .where(Message.run_id == run_id, StateTransition.to_state == MessageState.SENDING)
         ).all()
     times: dict[str, list[datetime]] = defaultdict(list)
     for ip, at in rows:
