@@ -8,7 +8,6 @@ Steps return counts only (safe for logs and Airflow XComs: no PHI).
 from __future__ import annotations
 
 import asyncio
-import email.policy
 import logging
 import os
 from collections import Counter
@@ -52,7 +51,12 @@ from pipeline.ledger.models import (
     StateTransition,
     Suppression,
 )
-from pipeline.ledger.states import MessageState, transition_message
+from pipeline.ledger.states import (
+    MessageMove,
+    MessageState,
+    transition_message,
+    transition_messages,
+)
 from pipeline.plan import ToPlan, Usage, message_token, plan_sends, verp_return_path
 from pipeline.policy import SendingPolicy, policy_for
 from pipeline.printbatch import PrintPiece, build_print_batch
@@ -641,8 +645,10 @@ def _send(ctx: RunContext) -> dict[str, int]:
     now = datetime.now(UTC)
     with ctx.sessions.begin() as session:
         _recover_interrupted(session, ctx.run_id)
-        pending = session.scalars(
-            select(Message)
+        # Each message with its statement, in one query (not one query per statement).
+        rows = session.execute(
+            select(Message, Statement)
+            .join(Statement, Statement.statement_id == Message.statement_id)
             .where(
                 Message.run_id == ctx.run_id,
                 Message.state.in_([MessageState.PLANNED, MessageState.DEFERRED]),
@@ -653,15 +659,17 @@ def _send(ctx: RunContext) -> dict[str, int]:
         ).all()
         # A bounce rate over the pause threshold holds that IP and provider until acknowledged.
         paused = reconcile.paused_routes(session)
-        pending = [
-            m for m in pending if (m.source_ip, reconcile.provider_of(m.recipient)) not in paused
-        ]
+        rows = [
+            row for row in rows
+            if (row.Message.source_ip, reconcile.provider_of(row.Message.recipient)) not in paused
+        ]  # fmt: skip
         keyring = load_keyring(settings.data_dir)
-        parts = {
-            m.message_id: _email_parts(ctx, session.get_one(Statement, m.statement_id))
-            for m in pending
-        }
+        parts = {message.message_id: _email_parts(ctx, statement) for message, statement in rows}
+        pending = [message for message, _ in rows]
         outgoing = [_outgoing(ctx, m) for m in pending]
+        # What a claim must find in the ledger (each message is claimed once per send stage).
+        claimable = {m.message_id: (MessageState(m.state), m.tries) for m in pending}
+        resends = {m.message_id for m in pending if m.case_id is not None}
     counts = {outcome.value: 0 for outcome in Outcome} | {"expired": 0}
     progress = iter(ctx.track(outgoing, "send", len(outgoing)))
     signer = DkimSigner(policy.dkim)
@@ -681,7 +689,7 @@ def _send(ctx: RunContext) -> dict[str, int]:
             # Decrypted in memory only: the plaintext PDF is never written anywhere.
             pdf=read_decrypted(statement.pdf, keyring, statement.statement_id),
         )
-        return signer.sign(content.as_bytes(policy=email.policy.SMTP))
+        return signer.sign(content)
 
     def notice(message: Outgoing) -> bytes:
         content = compose_portal_notice(
@@ -691,21 +699,33 @@ def _send(ctx: RunContext) -> dict[str, int]:
             portal_url=policy.portal_url,
             language=parts[message.message_id].language,
         )
-        return signer.sign(content.as_bytes(policy=email.policy.SMTP))
+        return signer.sign(content)
 
     def record(events: Sequence[Event]) -> None:
-        """One transaction per batch: claims move to `sending`, results to their outcome."""
-        outcomes = []
+        """One transaction per batch: claims move to `sending`, results to their outcome.
+        Claims and plain acceptances, nearly every event, are written in bulk; the other
+        results (bounces, deferrals, fallbacks, resends) row by row with what they entail."""
+        claims = [
+            MessageMove(e.message.message_id, claimable[e.message.message_id][0],
+                        values={"tries": claimable[e.message.message_id][1] + 1})
+            for e in events if isinstance(e, Claim)
+        ]  # fmt: skip
+        results = [e for e in events if isinstance(e, SendResult)]
+        accepted = [
+            MessageMove(r.message_id, MessageState.SENDING, f"SMTP {r.code}",
+                        {"smtp_code": r.code, "smtp_reply": r.reply})
+            for r in results if r.outcome == Outcome.ACCEPTED and r.message_id not in resends
+        ]  # fmt: skip
+        outcomes = [Outcome.ACCEPTED.value] * len(accepted)
         with ctx.sessions.begin() as session:
-            for event in events:
-                if isinstance(event, Claim):
-                    row = session.get_one(Message, event.message.message_id)
-                    row.tries += 1
-                    transition_message(session, row, MessageState.SENDING, actor="send")
-                else:
-                    message = session.get_one(Message, event.message_id)
-                    expired = _record_result(session, message, event, policy)
-                    outcomes.append("expired" if expired else event.outcome.value)
+            transition_messages(session, claims, MessageState.SENDING, actor="send")
+            transition_messages(session, accepted, MessageState.ACCEPTED, actor="send")
+            bulk = {move.message_id for move in accepted}
+            for result in results:
+                if result.message_id not in bulk:
+                    message = session.get_one(Message, result.message_id)
+                    expired = _record_result(session, message, result, policy)
+                    outcomes.append("expired" if expired else result.outcome.value)
         for outcome in outcomes:
             counts[outcome] += 1
             next(progress, None)

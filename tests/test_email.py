@@ -3,8 +3,11 @@ AES-256 password on the PDF; and the whole pipeline sending them."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import io
 import mailbox
+import os
 from dataclasses import replace
 from datetime import date
 from email.message import EmailMessage
@@ -33,14 +36,18 @@ def compose(**kwargs: object) -> EmailMessage:
         message_id="m1", statement_id="s1", recipient="ana@example.com",
         from_address="statements@plan.example", plan_name="Example Health Plan", pdf=PDF,
     )  # fmt: skip
-    return compose_eob_email(**{**base, **kwargs})  # type: ignore[arg-type]
+    raw = compose_eob_email(**{**base, **kwargs})  # type: ignore[arg-type]
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
 
 
 def bodies(message: EmailMessage) -> tuple[str, str]:
     text = message.get_body(("plain",))
     html = message.get_body(("html",))
     assert text is not None and html is not None
-    return text.get_content(), html.get_content()
+    # Text travels with CRLF line ends (canonical MIME); compare it with the templates' "\n".
+    return tuple(part.get_content().replace("\r\n", "\n") for part in (text, html))  # type: ignore[return-value]
 
 
 def test_text_and_html_bodies_carry_no_phi_by_default() -> None:
@@ -76,6 +83,37 @@ def test_password_hint_names_the_rule_not_the_password() -> None:
     text, html = bodies(compose(password_rule="date_of_birth"))
     assert "your date of birth as eight digits" in text and "MMDDYYYY" in html
     assert "03041980" not in text
+
+
+def test_message_is_well_formed_mime_with_the_pdf_intact_and_no_phi_in_headers() -> None:
+    pdf = os.urandom(40_000)  # any bytes survive base64, whatever boundary-like runs they hold
+    # A name that looks like a boundary line cannot end a part: quoted-printable escapes "=".
+    first_name = "--=_eob_ Ana"
+    raw = compose_eob_email(
+        message_id="m1", statement_id="s1", recipient="ana@example.com",
+        from_address="statements@plan.example", plan_name="Example Health Plan", pdf=pdf,
+        language="es", first_name=first_name, password_rule="date_of_birth",
+    )  # fmt: skip
+
+    assert raw.count(b"\n") == raw.count(b"\r\n")  # CRLF only, ready for SMTP as it is
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 78
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    parts = list(message.walk())
+    assert [p.get_content_type() for p in parts] == [
+        "multipart/mixed", "multipart/alternative", "text/plain", "text/html", "application/pdf",
+    ]  # fmt: skip
+    assert all(not p.defects for p in parts)
+    assert message.keys() == ["From", "To", "Subject", "Date", "Message-ID", "MIME-Version",
+                              "Content-Type"]  # fmt: skip
+    assert message["From"] == "Example Health Plan <statements@plan.example>"
+    assert message["Message-ID"] == "<m1@plan.example>"
+    assert message["Subject"] == "Su Explicación de Beneficios está lista"
+    (attachment,) = list(message.iter_attachments())
+    assert attachment.get_filename() == "EOB-s1.pdf"
+    assert attachment.get_content() == pdf
+    text, html = bodies(message)
+    assert text.startswith(f"Hola, {first_name}:") and "MMDDAAAA" in text
+    assert "Ana" not in str(list(p.items() for p in parts))
 
 
 def test_password_rules_and_aes256_protection() -> None:

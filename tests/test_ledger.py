@@ -26,9 +26,11 @@ from pipeline.ledger.states import (
     CASE_TRANSITIONS,
     MESSAGE_TRANSITIONS,
     CaseState,
+    MessageMove,
     MessageState,
     transition_case,
     transition_message,
+    transition_messages,
 )  # fmt: skip
 from tests.ledger_seed import seed_run_and_file
 
@@ -95,6 +97,47 @@ def test_an_illegal_transition_raises_and_changes_nothing(sessions: sessionmaker
         with pytest.raises(IllegalTransition, match="bounced -> sending"):
             transition_message(session, message, MessageState.SENDING, actor="test")
         assert message.state == MessageState.BOUNCED
+
+
+def test_bulk_transitions_record_each_move_and_refuse_a_stale_state(
+    sessions: sessionmaker[Session],
+):
+    with sessions.begin() as session:
+        for n in (1, 2, 3):
+            _message(session, n)
+    claims = [MessageMove(f"m{n}", MessageState.PLANNED, values={"tries": 1}) for n in (1, 2)]
+    with sessions.begin() as session:
+        transition_messages(session, claims, MessageState.SENDING, actor="send")
+        transition_messages(
+            session,
+            [MessageMove("m1", MessageState.SENDING, "SMTP 250", {"smtp_code": 250})],
+            MessageState.ACCEPTED,
+            actor="send",
+        )
+    with sessions() as session:
+        rows = session.scalars(select(Message).order_by(Message.message_id)).all()
+        assert [(m.state, m.tries, m.smtp_code) for m in rows] == [
+            ("accepted", 1, 250), ("sending", 1, None), ("planned", 0, None),
+        ]  # fmt: skip
+        moves = session.scalars(select(StateTransition).order_by(StateTransition.transition_id))
+        assert [(t.entity_id, t.from_state, t.to_state, t.reason) for t in moves] == [
+            ("m1", "planned", "sending", ""), ("m2", "planned", "sending", ""),
+            ("m1", "sending", "accepted", "SMTP 250"),
+        ]  # fmt: skip
+
+    # The state machine is checked first; then every row must still be in its from state
+    # (m2 is sending, not planned), or the whole batch is refused.
+    with pytest.raises(IllegalTransition, match="accepted -> sending"):
+        with sessions.begin() as session:
+            transition_messages(session, [MessageMove("m1", MessageState.ACCEPTED)],
+                                MessageState.SENDING, actor="send")  # fmt: skip
+    stale = [MessageMove(f"m{n}", MessageState.PLANNED) for n in (3, 2)]
+    with pytest.raises(IllegalTransition, match="1 of a batch"):
+        with sessions.begin() as session:
+            transition_messages(session, stale, MessageState.SENDING, actor="send")
+    with sessions() as session:
+        assert session.get_one(Message, "m3").state == MessageState.PLANNED
+        assert len(session.scalars(select(StateTransition)).all()) == 3
 
 
 def test_a_case_cannot_be_resent_before_verification(sessions: sessionmaker[Session]):

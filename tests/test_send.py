@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tomllib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,20 @@ def outgoing(n: int, source_ip: str = IPS[0]) -> Outgoing:
                     provider="default")  # fmt: skip
 
 
+def statement(message: Outgoing) -> bytes:
+    return f"Subject: statement\r\nX-Id: {message.message_id}\r\n\r\nPHI\r\n".encode()
+
+
 def send(
-    messages: list[Outgoing], port: int, ca_file: Path, sending: SendingPolicy | None = None
+    messages: list[Outgoing],
+    port: int,
+    ca_file: Path,
+    sending: SendingPolicy | None = None,
+    render: Callable[[Outgoing], bytes] = statement,
 ) -> dict[str, SendResult]:
     events: list[Event] = []
     callbacks = Callbacks(
-        render=lambda m: f"Subject: statement\r\nX-Id: {m.message_id}\r\n\r\nPHI\r\n".encode(),
+        render=render,
         notice=lambda m: f"Subject: notice\r\nX-Id: {m.message_id}\r\n\r\nportal\r\n".encode(),
         record=events.extend,
     )
@@ -97,6 +106,19 @@ def test_accepts_over_tls_from_each_planned_source_ip(certs):
         (IPS[1], ("r2@example.org",)),
         (IPS[1], ("r3@example.org",)),
     ]
+
+
+def test_content_arrives_intact_with_dot_stuffing_and_crlf_line_ends(certs):
+    # Lines that start with a dot, a lone dot (the end-of-data marker), bare LF and CR.
+    content = b"Subject: dots\r\n\r\n.leading\r\n..two\r\n.\r\nbare LF\nbare CR\rend"
+    receiver = Receiver(Script())
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(1)], port, certs / "ca.pem", render=lambda _: content)
+    assert results["m1"].outcome == Outcome.ACCEPTED and results["m1"].code == 250
+    [arrival] = receiver.arrivals
+    assert arrival.content == (
+        b"Subject: dots\r\n\r\n.leading\r\n..two\r\n.\r\nbare LF\r\nbare CR\r\nend\r\n"
+    )
 
 
 def test_a_server_without_starttls_gets_the_notice_and_no_phi(certs):

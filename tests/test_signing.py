@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import email.policy
 from pathlib import Path
 
 import dkim
@@ -15,11 +14,11 @@ from pipeline.policy import DkimPolicy
 from pipeline.signing import DkimSigner
 
 
-def eob_email() -> bytes:
-    message = compose_eob_email(message_id="m1", statement_id="s1", recipient="r@example.org",
-                                from_address="statements@eob.example.com", plan_name="Plan",
-                                pdf=b"%PDF-1.4 test")  # fmt: skip
-    return message.as_bytes(policy=email.policy.SMTP)
+def eob_email(language: str = "en", first_name: str | None = None) -> bytes:
+    return compose_eob_email(message_id="m1", statement_id="s1", recipient="r@example.org",
+                             from_address="statements@eob.example.com", plan_name="Plan",
+                             pdf=b"%PDF-1.4 test", language=language,
+                             first_name=first_name)  # fmt: skip
 
 
 def test_a_signed_message_verifies_and_tampering_breaks_it(tmp_path: Path):
@@ -37,10 +36,20 @@ def test_a_signed_message_verifies_and_tampering_breaks_it(tmp_path: Path):
         assert name == b"eob1._domainkey.eob.example.com."
         return record
 
-    signed = DkimSigner(DkimPolicy("eob.example.com", "eob1", key_file)).sign(eob_email())
-    assert signed.startswith(b"DKIM-Signature:")
-    assert dkim.verify(signed, dnsfunc=dns)
-    assert not dkim.verify(signed.replace(b"Your Explanation", b"Our Explanation"), dnsfunc=dns)
+    signer = DkimSigner(DkimPolicy("eob.example.com", "eob1", key_file))
+    for content in (eob_email(), eob_email("es", "Ana")):
+        signed = signer.sign(content)
+        assert signed.startswith(b"DKIM-Signature:") and signed.endswith(content)
+        # dkimpy verifies what OpenSSL signed: headers (relaxed) and body (simple).
+        assert dkim.verify(signed, dnsfunc=dns)
+        assert b"c=relaxed/simple" in signed
+        in_header = signed.replace(b"Message-ID: <m1@", b"Message-ID: <m2@")
+        # The attachment swapped for another of the same length.
+        in_body = signed.replace(
+            base64.b64encode(b"%PDF-1.4 test"), base64.b64encode(b"%PDF-1.4 evil")
+        )
+        assert in_header != signed and not dkim.verify(in_header, dnsfunc=dns)
+        assert in_body != signed and not dkim.verify(in_body, dnsfunc=dns)
 
 
 def test_without_a_key_the_message_is_unchanged():
