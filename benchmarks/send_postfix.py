@@ -62,6 +62,8 @@ def start_postfix(tmp: Path, port: int, cert: Path, key: Path) -> subprocess.Pop
     tmp.chmod(0o755)  # the postfix user must reach its data directory
     conf = tmp / "postfix-conf"
     shutil.copytree("/etc/postfix", conf)
+    # Debian's "No configuration" install has no main.cf: start from Postfix's defaults.
+    (conf / "main.cf").write_text("")
     settings = {
         "queue_directory": tmp / "queue", "data_directory": tmp / "data",
         "maillog_file": "/dev/stdout", "inet_interfaces": "loopback-only", "inet_protocols": "ipv4",
