@@ -293,12 +293,15 @@ class _Finding:
     smtp_stage: SmtpStage | None = None
 
 
-def smtp_rejection(code: int, reply: str) -> tuple[str | None, BounceClass]:
-    """Status and class of a synchronous SMTP rejection: the same rules as a DSN's."""
+def smtp_rejection(
+    code: int, reply: str, stage: SmtpStage | None = None
+) -> tuple[str | None, BounceClass]:
+    """Status and class of a synchronous SMTP rejection: the same rules as a DSN's. `stage` is
+    the command the sender knows was refused; else the reply's own wording may name it."""
     status = enhanced_status(reply)
     if status is None and 400 <= code < 600:
         status = f"{code // 100}.0.0"
-    return status, classify(status, reply, smtp_stage(reply))
+    return status, classify(status, reply, stage or smtp_stage(reply))
 
 
 def _dsn_block(block: Message, human: str, reporting_mta: str | None) -> _Finding:

@@ -825,7 +825,7 @@ def _outgoing(ctx: RunContext, message: Message) -> Outgoing:
 
 def _record_smtp_rejection(session: Session, message: Message, result: SendResult) -> None:
     """A 5xx at SMTP time flows into the same bounce path as a DSN."""
-    status, bounce_class = bounces.smtp_rejection(result.code or 0, result.reply)
+    status, bounce_class = bounces.smtp_rejection(result.code or 0, result.reply, result.smtp_stage)
     session.add(
         Bounce(
             dedupe_key=f"smtp:{message.message_id}",

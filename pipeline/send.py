@@ -31,6 +31,7 @@ from pathlib import Path
 
 import aiosmtplib
 
+from pipeline.bounces import SmtpStage
 from pipeline.policy import SendingPolicy
 from pipeline.routing import Route, Router
 from pipeline.shaping import Lane, retry_hint_seconds
@@ -69,6 +70,9 @@ class SendResult:
     reply: str
     # Seconds the server (a retry hint) or a back-off suspension asks us to wait.
     retry_after: float | None = None
+    # The command the server answered when it refused: the bounce rules tell a refused
+    # recipient (RCPT) from a content filter (DATA) by it.
+    smtp_stage: SmtpStage | None = None
 
 
 @dataclass(frozen=True)
@@ -294,14 +298,17 @@ async def _fallback(
 
 
 async def _transaction(client: aiosmtplib.SMTP, message: Outgoing, content: bytes) -> SendResult:
+    stage = SmtpStage.MAIL
     try:
         size = [f"SIZE={len(content)}"] if client.supports_extension("size") else []
         await client.mail(message.mail_from, options=size)
+        stage = SmtpStage.RCPT
         await client.rcpt(message.recipient)
+        stage = SmtpStage.DATA
         reply = await _data(client, content)
     except aiosmtplib.SMTPResponseException as err:
         await _reset(client, err.code)
-        return _replied(message, err.code, err.message)
+        return _replied(message, err.code, err.message, stage)
     except (aiosmtplib.SMTPException, OSError) as err:
         # Dropped or timed out mid-transaction: the outcome is unknown, so it is retried later.
         client.close()
@@ -326,9 +333,9 @@ async def _data(client: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespo
     return reply
 
 
-def _replied(message: Outgoing, code: int, text: str) -> SendResult:
+def _replied(message: Outgoing, code: int, text: str, stage: SmtpStage) -> SendResult:
     if 500 <= code < 600:
-        return SendResult(message.message_id, Outcome.BOUNCED, code, text)
+        return SendResult(message.message_id, Outcome.BOUNCED, code, text, smtp_stage=stage)
     outcome = Outcome.ACCEPTED if 200 <= code < 300 else Outcome.DEFERRED
     return SendResult(message.message_id, outcome, code, text, retry_hint_seconds(text))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.bounces import BounceClass, SmtpStage, smtp_rejection
 from pipeline.policy import DEFAULT_POLICY_FILE, SendingPolicy, parse_policy
 from pipeline.routing import Route
 from pipeline.send import (
@@ -164,6 +165,25 @@ def test_rejected_recipients_get_their_outcome_and_the_rest_still_go(certs, repl
     assert (results["m2"].outcome, results["m2"].code) == (outcome, code)
     assert results["m1"].outcome == results["m3"].outcome == Outcome.ACCEPTED
     assert [a.recipients for a in receiver.arrivals] == [("r1@example.org",), ("r3@example.org",)]
+
+
+@pytest.mark.parametrize(
+    ("script", "stage", "bounce_class"),
+    [
+        (Script(rcpt_replies={"r1@example.org": "550 User unknown"}), SmtpStage.RCPT,
+         BounceClass.HARD_BOUNCE),
+        (Script(data_reply="550 User unknown"), SmtpStage.DATA, BounceClass.POLICY_BLOCK),
+    ],
+)  # fmt: skip
+def test_a_refusal_carries_the_command_it_answered_into_the_bounce_rules(
+    certs, script, stage, bounce_class
+):
+    # The same words: an unknown address when RCPT is refused, a content filter's answer
+    # after DATA (the address was accepted), as sisimai and the rules file read a DSN.
+    with smtp_server(Receiver(script), certs) as port:
+        result = send([outgoing(1)], port, certs / "ca.pem")["m1"]
+    assert (result.outcome, result.smtp_stage) == (Outcome.BOUNCED, stage)
+    assert smtp_rejection(result.code or 0, result.reply, result.smtp_stage)[1] == bounce_class
 
 
 def test_a_retry_hint_is_passed_on(certs):
