@@ -21,8 +21,8 @@ from pipeline.errors import LedgerError
 from pipeline.ledger import audit
 from pipeline.ledger.models import Incident, Message, ResendCase, Suppression
 from pipeline.ledger.states import CaseState, MessageState, transition_case
-from pipeline.plan import assign_ip, message_token
-from pipeline.policy import PoolIp
+from pipeline.plan import ToPlan, message_token, plan_sends, planned_usage
+from pipeline.policy import DEFAULT_PROVIDER, SendingPolicy
 
 CHANNELS = ("phone", "secure_sms", "portal", "mail")
 # HIPAA breach assessment window for a suspected misdelivery.
@@ -148,7 +148,7 @@ def open_incident(
 def plan_approved_resends(
     session: Session,
     run_id: str,
-    pool: Sequence[PoolIp],
+    policy: SendingPolicy,
     *,
     provider_of: Callable[[str], str] | None = None,
     actor: str = "plan",
@@ -162,22 +162,20 @@ def plan_approved_resends(
         .where(ResendCase.state == CaseState.VERIFIED, ResendCase.approved_by.is_not(None))
         .order_by(ResendCase.case_id)
     ).all()
-    planned = 0
+    wanted: dict[str, NewAttempt] = {}
     for case in approved:
         assert case.verified_address is not None
         if session.get(Suppression, case.verified_address.lower()) is not None:
             # Suppressed since approval (a complaint, another bounce): never sent; print.
             route_to_print(session, case.case_id, actor=actor, reason="address suppressed")
             continue
-        message = plan_attempt(
-            session,
-            case.statement_id,
-            case.verified_address,
-            run_id,
-            pool,
-            case.case_id,
-            provider=provider_of(case.verified_address) if provider_of else None,
+        provider = provider_of(case.verified_address) if provider_of else DEFAULT_PROVIDER
+        wanted[case.case_id] = NewAttempt(
+            case.statement_id, case.verified_address, case.case_id, provider
         )
+    for message in plan_attempts(session, list(wanted.values()), run_id, policy):
+        assert message.case_id is not None
+        case = get_case(session, message.case_id)
         attempt = message.attempt
         transition_case(
             session, case, CaseState.RESEND_PLANNED, actor=actor, reason=f"attempt {attempt}"
@@ -190,46 +188,57 @@ def plan_approved_resends(
             actor=actor,
             detail=f"message={message.message_id} attempt={attempt}",
         )
-        planned += 1
-    return planned
+    return len(wanted)
 
 
-def plan_attempt(
-    session: Session,
-    statement_id: str,
-    recipient: str,
-    run_id: str,
-    pool: Sequence[PoolIp],
-    case_id: str | None,
-    *,
-    provider: str | None = None,
-) -> Message:
-    """A new message row: the statement's next attempt, planned in `run_id` to go out today
-    (so it counts against today's warm-up usage of its IP)."""
-    latest = session.scalar(
-        select(func.max(Message.attempt)).where(Message.statement_id == statement_id)
-    )
-    attempt = (latest or 0) + 1
-    # A new attempt may go out over another IP of the pool than the one that failed.
-    ip = assign_ip(f"{statement_id}:{attempt}", pool)
-    now = datetime.now(UTC)
-    message = Message(
-        message_id=message_token(statement_id, attempt),
-        statement_id=statement_id,
-        run_id=run_id,
-        attempt=attempt,
-        case_id=case_id,
-        recipient=recipient,
-        source_ip=ip.address,
-        ehlo_name=ip.ehlo_name,
-        provider=provider,
-        send_day=now.date(),
-        state=MessageState.PLANNED,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(message)
-    return message
+@dataclass(frozen=True)
+class NewAttempt:
+    """A statement to send again: to `recipient`, for `case_id` (None: a requeue)."""
+
+    statement_id: str
+    recipient: str
+    case_id: str | None
+    provider: str
+
+
+def plan_attempts(
+    session: Session, wanted: Sequence[NewAttempt], run_id: str, policy: SendingPolicy
+) -> list[Message]:
+    """New message rows, each its statement's next attempt, planned in `run_id` by the same
+    planner as first attempts: an IP and a send day within the warm-up caps, counting what is
+    already planned (a new attempt may go out over another IP than the one that failed, or
+    spill to a later day)."""
+    today = datetime.now(UTC).date()
+    by_key: dict[str, tuple[NewAttempt, int]] = {}
+    for item in wanted:
+        latest = session.scalar(
+            select(func.max(Message.attempt)).where(Message.statement_id == item.statement_id)
+        )
+        attempt = (latest or 0) + 1
+        by_key[f"{item.statement_id}:{attempt}"] = (item, attempt)
+    to_plan = [ToPlan(key, item.provider) for key, (item, _) in by_key.items()]
+    messages = []
+    for assignment in plan_sends(to_plan, policy, today, planned_usage(session, today)):
+        item, attempt = by_key[assignment.statement_id]
+        now = datetime.now(UTC)
+        message = Message(
+            message_id=message_token(item.statement_id, attempt),
+            statement_id=item.statement_id,
+            run_id=run_id,
+            attempt=attempt,
+            case_id=item.case_id,
+            recipient=item.recipient,
+            source_ip=assignment.ip.address,
+            ehlo_name=assignment.ip.ehlo_name,
+            provider=item.provider,
+            send_day=assignment.day,
+            state=MessageState.PLANNED,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(message)
+        messages.append(message)
+    return messages
 
 
 def on_attempt_accepted(session: Session, message: Message, *, actor: str = "send") -> None:

@@ -14,7 +14,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from pipeline.errors import ConfigError
+from pipeline.ledger.models import Message
+from pipeline.ledger.states import MessageState
 from pipeline.policy import PoolIp, SendingPolicy
 
 # A pool that cannot take a message within this many days is a configuration mistake.
@@ -69,6 +74,22 @@ def plan_sends(
         usage[ip.address, item.provider, day] += 1
         assignments.append(Assignment(item.statement_id, ip, day))
     return assignments
+
+
+def planned_usage(session: Session, today: date) -> Usage:
+    """Messages already planned from today on, per IP and per (IP, provider): warm-up caps count
+    them."""
+    rows = session.execute(
+        select(Message.source_ip, Message.provider, Message.send_day, func.count())
+        .where(Message.send_day >= today, Message.state != MessageState.SUPPRESSED)
+        .group_by(Message.source_ip, Message.provider, Message.send_day)
+    ).all()
+    usage: Usage = Counter()
+    for ip, provider, day, count in rows:
+        assert day is not None  # filtered on send_day >= today
+        usage[ip, None, day] += count
+        usage[ip, provider, day] += count
+    return usage
 
 
 def _first_with_room(

@@ -18,6 +18,8 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError
 
 DEFAULT_POLICY_FILE = Path(__file__).resolve().parent.parent / "config" / "sending.toml"
+# The provider of recipients no listed provider claims; every policy must shape it.
+DEFAULT_PROVIDER = "default"
 
 T = TypeVar("T")
 
@@ -132,7 +134,7 @@ def parse_policy(raw: dict[str, Any]) -> SendingPolicy:
         name: _provider(name, _table(raw["providers"], name, "providers"))
         for name in _table(raw, "providers")
     }
-    if "default" not in providers:
+    if DEFAULT_PROVIDER not in providers:
         raise ConfigError("setting providers.default: missing (recipients of no listed provider)")
     provider_caps = {
         name: _caps(

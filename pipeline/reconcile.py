@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +33,7 @@ from pipeline.ledger.models import (
     Suppression,
 )
 from pipeline.ledger.states import CaseState, MessageState, transition_case, transition_message
-from pipeline.policy import PoolIp
+from pipeline.policy import DEFAULT_PROVIDER, SendingPolicy
 
 ACTOR = "reconcile"
 POLICY_FILE = Path(__file__).resolve().parent.parent / "config" / "reconcile_policy.toml"
@@ -293,7 +292,7 @@ def paused_routes(session: Session) -> set[tuple[str, str]]:
 
 
 def acknowledge_alert(
-    session: Session, alert_id: int, *, actor: str, run_id: str, pool: Sequence[PoolIp]
+    session: Session, alert_id: int, *, actor: str, run_id: str, policy: SendingPolicy
 ) -> int:
     """Operations acknowledged the alert: policy-blocked messages are planned again in `run_id`
     (same address: it is not in doubt). Returns how many were requeued."""
@@ -313,7 +312,7 @@ def acknowledge_alert(
             Message.state == MessageState.BOUNCED,
         )
     ).all()
-    requeued = 0
+    requeue: list[cases.NewAttempt] = []
     for old in blocked:
         if provider_of(old.recipient) != alert.provider:
             continue
@@ -324,16 +323,12 @@ def acknowledge_alert(
         )
         if latest != old.attempt:
             continue  # already requeued
-        cases.plan_attempt(
-            session,
-            old.statement_id,
-            old.recipient,
-            run_id,
-            pool,
-            old.case_id,
-            provider=old.provider,
+        requeue.append(
+            cases.NewAttempt(
+                old.statement_id, old.recipient, old.case_id, old.provider or DEFAULT_PROVIDER
+            )
         )
-        requeued += 1
+    requeued = len(cases.plan_attempts(session, requeue, run_id, policy))
     audit(
         session,
         "policy_block_requeued",

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,8 +56,8 @@ from pipeline.ledger.states import (
     transition_message,
     transition_messages,
 )
-from pipeline.plan import ToPlan, Usage, message_token, plan_sends, verp_return_path
-from pipeline.policy import SendingPolicy, policy_for
+from pipeline.plan import ToPlan, message_token, plan_sends, planned_usage, verp_return_path
+from pipeline.policy import DEFAULT_PROVIDER, SendingPolicy, policy_for
 from pipeline.printbatch import PrintPiece, build_print_batch
 from pipeline.profiles import load_profile
 from pipeline.protect import pdf_password
@@ -562,7 +561,7 @@ def _plan(ctx: RunContext) -> dict[str, int]:
         items = [
             ToPlan(s.statement_id, providers[_domain(s.email or "")]) for s in to_plan.values()
         ]
-        for assignment in plan_sends(items, policy, today, _usage(session, today)):
+        for assignment in plan_sends(items, policy, today, planned_usage(session, today)):
             statement = to_plan[assignment.statement_id]
             assert statement.email is not None
             now = datetime.now(UTC)
@@ -597,7 +596,7 @@ def _plan(ctx: RunContext) -> dict[str, int]:
         counts["resends_planned"] = cases.plan_approved_resends(
             session,
             ctx.run_id,
-            policy.pool,
+            policy,
             provider_of=lambda address: _providers(policy, [address])[_domain(address)],
         )
     return counts
@@ -621,22 +620,6 @@ def _providers(policy: SendingPolicy, addresses: list[str]) -> dict[str, str]:
         d: provider_for(policy, d, hosts)
         for d, hosts in zip(domains, asyncio.run(lookup()), strict=True)
     }
-
-
-def _usage(session: Session, today: date) -> Usage:
-    """Messages already planned from today on, per IP and per (IP, provider): warm-up caps count
-    them."""
-    rows = session.execute(
-        select(Message.source_ip, Message.provider, Message.send_day, func.count())
-        .where(Message.send_day >= today, Message.state != MessageState.SUPPRESSED)
-        .group_by(Message.source_ip, Message.provider, Message.send_day)
-    ).all()
-    usage: Usage = Counter()
-    for ip, provider, day, count in rows:
-        assert day is not None  # filtered on send_day >= today
-        usage[ip, None, day] += count
-        usage[ip, provider, day] += count
-    return usage
 
 
 def _send(ctx: RunContext) -> dict[str, int]:
@@ -819,7 +802,7 @@ def _outgoing(ctx: RunContext, message: Message) -> Outgoing:
         recipient=message.recipient,
         source_ip=message.source_ip,
         ehlo_name=message.ehlo_name,
-        provider=message.provider or "default",
+        provider=message.provider or DEFAULT_PROVIDER,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +14,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import cases, reconcile
 from pipeline.bounces import BounceClass
-from pipeline.config import SendingIp
 from pipeline.errors import IllegalTransition
 from pipeline.ledger import open_ledger
 from pipeline.ledger.models import (
@@ -29,9 +29,11 @@ from pipeline.ledger.models import (
     Suppression,
 )
 from pipeline.ledger.states import CASE_TRANSITIONS, CaseState, MessageState
+from pipeline.policy import parse_policy
 from tests.ledger_seed import seed_run_and_file
+from tests.smtp_servers import policy_toml
 
-POOL = (SendingIp("127.0.0.2", "mta1"), SendingIp("127.0.0.3", "mta2"))
+SENDING = parse_policy(tomllib.loads(policy_toml(("127.0.0.2", "127.0.0.3"), 1)))
 POLICY = reconcile.load_policy()
 
 
@@ -102,7 +104,7 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
         assert message.state == MessageState.BOUNCED
         assert session.get(Suppression, "old@example.org") is not None
         # Nothing is planned for an unverified or unapproved case.
-        assert cases.plan_approved_resends(session, "r1", POOL) == 0
+        assert cases.plan_approved_resends(session, "r1", SENDING) == 0
         with pytest.raises(cases.CaseActionRefused, match="only a verified case"):
             cases.approve(session, case.case_id, actor="bob")
         cases.verify(
@@ -113,12 +115,12 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
             evidence="called member on file number",
             address="New@Example.net",
         )
-        assert cases.plan_approved_resends(session, "r1", POOL) == 0
+        assert cases.plan_approved_resends(session, "r1", SENDING) == 0
         with pytest.raises(cases.CaseActionRefused, match="must not be the verifier"):
             cases.approve(session, case.case_id, actor="alice")
         cases.approve(session, case.case_id, actor="bob")
-        assert cases.plan_approved_resends(session, "r1", POOL) == 1
-        assert cases.plan_approved_resends(session, "r1", POOL) == 0  # once only
+        assert cases.plan_approved_resends(session, "r1", SENDING) == 1
+        assert cases.plan_approved_resends(session, "r1", SENDING) == 0  # once only
         resend = session.scalars(select(Message).where(Message.attempt == 2)).one()
         assert (resend.case_id, resend.recipient, resend.state) == (
             case.case_id,
@@ -162,6 +164,25 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
             assert wanted in actions
         # Audit detail carries ids only: no address, old or new.
         assert not any("@" in e.detail for e in events)
+
+
+def test_an_approved_resend_honours_todays_warm_up_caps(sessions: sessionmaker[Session]):
+    # One IP in its first warm-up day (cap 1) whose only slot today is taken already: the
+    # resend spills to tomorrow, as a first attempt would, instead of going over the cap.
+    toml = policy_toml(("127.0.0.2",), 1).replace("daily_cap = [1000000]", "daily_cap = [1, 5]")
+    today = datetime.now(UTC).date()
+    warming = parse_policy(tomllib.loads(toml.replace(
+        'weight = 1\n', f"weight = 1\nwarmup_start = {today.isoformat()}\n", 1)))  # fmt: skip
+    with sessions.begin() as session:
+        seed_run_and_file(session)
+        case = _hard_bounced_case(session)
+        session.get_one(Message, "m1").send_day = today  # today's one slot on 127.0.0.2
+        cases.verify(session, case.case_id, actor="alice", channel="phone",
+                     evidence="called member", address="new@example.net")  # fmt: skip
+        cases.approve(session, case.case_id, actor="bob")
+        assert cases.plan_approved_resends(session, "r1", warming) == 1
+        resend = session.scalars(select(Message).where(Message.attempt == 2)).one()
+        assert (resend.source_ip, resend.send_day) == ("127.0.0.2", today + timedelta(days=1))
 
 
 def test_verification_input_is_checked_without_echoing_it(sessions: sessionmaker[Session]):
@@ -211,7 +232,7 @@ def test_a_resend_that_bounces_again_reopens_then_prints(sessions: sessionmaker[
                 address=address,
             )
             cases.approve(session, case.case_id, actor="bob")
-            cases.plan_approved_resends(session, "r1", POOL)
+            cases.plan_approved_resends(session, "r1", SENDING)
             resend = session.scalars(select(Message).where(Message.attempt == attempt)).one()
             resend.state = MessageState.ACCEPTED
             cases.on_attempt_accepted(session, resend)
@@ -262,13 +283,13 @@ def test_policy_block_alerts_per_ip_and_provider_and_requeues_on_ack(
         assert session.scalars(select(Message).where(Message.attempt == 2)).all() == []
         assert (
             reconcile.acknowledge_alert(
-                session, alert.alert_id, actor="ops", run_id="r1", pool=POOL
+                session, alert.alert_id, actor="ops", run_id="r1", policy=SENDING
             )
             == 3
         )
         with pytest.raises(cases.CaseActionRefused):
             reconcile.acknowledge_alert(
-                session, alert.alert_id, actor="ops", run_id="r1", pool=POOL
+                session, alert.alert_id, actor="ops", run_id="r1", policy=SENDING
             )
 
 
@@ -351,7 +372,7 @@ class CaseMachine(RuleBasedStateMachine):
 
     @rule()
     def plan(self):
-        cases.plan_approved_resends(self.session, "r1", POOL)
+        cases.plan_approved_resends(self.session, "r1", SENDING)
         self.history.append(self.case.state)
 
     @precondition(lambda self: self.case.state == CaseState.RESEND_PLANNED)

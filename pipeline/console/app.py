@@ -323,7 +323,7 @@ def create_app(
                 alert_id,
                 actor=user.username,
                 run_id=latest,
-                pool=policy_for(settings).pool,
+                policy=policy_for(settings),
             )
         except cases.CaseActionRefused as err:
             raise HTTPException(409, str(err)) from err
