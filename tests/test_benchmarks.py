@@ -9,11 +9,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, SHARED_DATA
 
 
 @pytest.mark.parametrize(
@@ -22,7 +21,15 @@ REPO = Path(__file__).resolve().parent.parent
         ("render.py", ["40", "2"], "render: "),
         ("ingest_validate.py", ["5000"], "ingest+validate"),
         ("end_to_end.py", ["20"], "end to end"),
-        ("bounce_agreement.py", [], "bounce agreement "),
+        pytest.param(
+            "bounce_agreement.py",
+            [],
+            "bounce agreement ",
+            marks=pytest.mark.skipif(
+                not (SHARED_DATA / "bounces").is_dir(),
+                reason="shared/data not beside the repository",
+            ),
+        ),
     ],
 )
 def test_a_benchmark_prints_its_one_line_figure(script: str, args: list[str], figure: str):

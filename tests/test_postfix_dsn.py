@@ -25,6 +25,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select
 
 from pipeline import cases, reconcile
+from pipeline.atrest import load_keyring
+from pipeline.collect import Archive
 from pipeline.config import Settings
 from pipeline.demo import free_port
 from pipeline.ledger import open_ledger
@@ -206,8 +208,11 @@ def test_postfix_dsn_to_resend(postfix: PostfixInstance, returnpath_base: Path, 
     maildir = settings.return_path_maildir
     _run(settings, drop, before_bounces=lambda: _wait_for_reports(maildir, len(REJECTED)))
 
-    # Postfix, not our code, wrote these reports (they are parsed from the archive below).
-    raw = [bytes(r) for r in mailbox.Maildir(maildir, create=False)]
+    # Postfix, not our code, wrote these reports. Once processed they are gone from the
+    # maildir; their encrypted archive copies are the record.
+    assert list(mailbox.Maildir(maildir, create=False)) == []
+    archive = Archive.in_data_dir(settings.data_dir, load_keyring(settings.data_dir))
+    raw = [archive.read_file(path) for path in archive.directory.glob("*.eml.enc")]
     assert len(raw) == len(REJECTED)
     for report in raw:
         assert b"Reporting-MTA: dns; mta.eob.test" in report
