@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email import message_from_bytes, policy
 from email.message import Message
 from email.utils import getaddresses
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from flufl.bounce import all_failures
 
@@ -122,6 +124,8 @@ class Rules:
     still_retrying: re.Pattern[str]
     # How MTAs name the SMTP command a refusal answered, per stage.
     stage_patterns: tuple[tuple[SmtpStage, re.Pattern[str]], ...]
+    # Amazon SES's own bounce sub-types that decide the class.
+    ses_bounce_subtypes: dict[str, BounceClass]
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,9 @@ def load_rules(path: Path = RULES_FILE) -> Rules:
         stage_patterns=tuple(
             (SmtpStage(name), pattern(value)) for name, value in raw["stage"].items()
         ),
+        ses_bounce_subtypes={
+            name: BounceClass(value) for name, value in raw["ses_bounce_subtype"].items()
+        },
     )
 
 
@@ -242,6 +249,13 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
             report(i, ReportKind.ARF, _Finding(r, bounce_class=BounceClass.COMPLAINT))
             for i, r in enumerate(recipients)
         ]
+    if str(message.get("X-Apple-Unsubscribe") or "").strip().lower() == "true":
+        # Apple Mail's unsubscribe request, sent from the recipient's own address (and marked
+        # auto-replied): the recipient asks for no more mail, an opt-out feedback.
+        opt_out = _Finding(
+            _bare(str(message.get("From") or "")), bounce_class=BounceClass.COMPLAINT
+        )
+        return [report(0, ReportKind.ARF, opt_out)]
     human = _human_text(message)
     if (status_part := _part(message, "message/delivery-status")) is not None:
         blocks = _recipient_blocks(status_part)
@@ -251,6 +265,8 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
                 report(i, ReportKind.DSN, _dsn_block(block, human, reporting_mta))
                 for i, block in enumerate(blocks)
             ]
+    if (notice := _ses_notice(message)) is not None and (ses := _ses_findings(notice)):
+        return [report(i, kind, found) for i, (kind, found) in enumerate(ses)]
     temporary, permanent = _flufl_failures(message)
     failure_found = bool(temporary or permanent)
     # RFC 3834 headers are set on bounces too: they decide only when neither a detector nor
@@ -331,6 +347,91 @@ def _dsn_block(block: Message, human: str, reporting_mta: str | None) -> _Findin
     }:
         bounce_class = BounceClass.SOFT_BOUNCE
     return _Finding(recipient, status, diagnostic, bounce_class, finality, stage)
+
+
+def _ses_notice(message: Message) -> dict[str, Any] | None:
+    """An Amazon SES notification sent by email (AWS SES "notification contents"): JSON, bare or
+    inside an SNS envelope whose "Message" is the notification as a JSON string."""
+    body = _body_text(message)
+    if "notificationType" not in body and "eventType" not in body:
+        return None
+    # Mail wraps long lines: a line break with a continuation blank is not the JSON's own.
+    text = re.sub(r"\r?\n[ \t]", "", body)
+    decoder = json.JSONDecoder(strict=False)
+    try:
+        notice, _ = decoder.raw_decode(text, max(text.find("{"), 0))
+        if isinstance(notice, dict) and isinstance(notice.get("Message"), str):
+            notice = decoder.decode(notice["Message"])
+    except ValueError:
+        return None
+    # Email notifications name the type "notificationType", event publishing "eventType".
+    if isinstance(notice, dict) and (notice.get("notificationType") or notice.get("eventType")):
+        return notice
+    return None
+
+
+def _ses_findings(notice: dict[str, Any]) -> list[tuple[ReportKind, _Finding]]:
+    """One finding per recipient an SES notification names: a bounce is read as the DSN block
+    it stands for; SES's own bounce sub-types (the rules file's) decide the class."""
+    notice_type = notice.get("notificationType") or notice.get("eventType")
+    if notice_type == "Complaint":
+        complained = _ses_list(notice, "complaint", "complainedRecipients")
+        return [
+            (
+                ReportKind.ARF,
+                _Finding(str(r.get("emailAddress")), bounce_class=BounceClass.COMPLAINT),
+            )
+            for r in complained
+            if isinstance(r, dict) and r.get("emailAddress")
+        ]
+    if notice_type == "Delivery":
+        response = str(_ses_section(notice, "delivery").get("smtpResponse") or "") or None
+        delivered = _Finding(
+            status=enhanced_status(response),
+            diagnostic=response,
+            bounce_class=BounceClass.DELIVERED,
+            finality=Finality.DELIVERED,
+        )
+        return [
+            (ReportKind.DSN, replace(delivered, recipient=str(r)))
+            for r in _ses_list(notice, "delivery", "recipients")
+        ]
+    if notice_type != "Bounce":
+        return []
+    bounce = _ses_section(notice, "bounce")
+    subtype_class = load_rules().ses_bounce_subtypes.get(str(bounce.get("bounceSubType")))
+    findings = []
+    for bounced in _ses_list(notice, "bounce", "bouncedRecipients"):
+        if not isinstance(bounced, dict) or not bounced.get("emailAddress"):
+            continue
+        block = Message()
+        # SES notifies a bounce once it has given up on the recipient.
+        block["Action"] = "failed"
+        block["Final-Recipient"] = f"rfc822; {bounced['emailAddress']}"
+        for field, key in (("Status", "status"), ("Diagnostic-Code", "diagnosticCode")):
+            if bounced.get(key):
+                block[field] = " ".join(str(bounced[key]).split())
+        found = _dsn_block(block, "", str(bounce.get("reportingMTA") or "") or None)
+        if subtype_class is not None:
+            found = replace(found, bounce_class=subtype_class)
+        elif bounce.get("bounceType") == "Transient" and found.bounce_class in {
+            BounceClass.HARD_BOUNCE,
+            BounceClass.UNKNOWN,
+        }:
+            # SES: "you may be able to send to this recipient in the future".
+            found = replace(found, bounce_class=BounceClass.SOFT_BOUNCE)
+        findings.append((ReportKind.DSN, found))
+    return findings
+
+
+def _ses_section(notice: dict[str, Any], name: str) -> dict[str, Any]:
+    section = notice.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def _ses_list(notice: dict[str, Any], name: str, key: str) -> list[Any]:
+    items = _ses_section(notice, name).get(key)
+    return items if isinstance(items, list) else []
 
 
 def _dsn_finality(action: str, status: str | None, explanation: str) -> Finality:
