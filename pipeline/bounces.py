@@ -256,8 +256,9 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
             _bare(str(message.get("From") or "")), bounce_class=BounceClass.COMPLAINT
         )
         return [report(0, ReportKind.ARF, opt_out)]
-    human = _human_text(message)
-    if (status_part := _part(message, "message/delivery-status")) is not None:
+    status_part, explained = _status_part(message)
+    human = _human_text(explained)
+    if status_part is not None:
         blocks = _recipient_blocks(status_part)
         reporting_mta = _reporting_mta(status_part)
         if blocks:
@@ -507,14 +508,21 @@ def _original_recipients(message: Message) -> list[str]:
             headers = inner[0]
         elif isinstance(inner, str):
             headers = message_from_bytes(inner.encode("utf-8", "replace"))
-    elif quoted := load_rules().original_marker.search(body := _body_text(message)):
-        # The quote starts at a header ("Received: from") or on the line after a marker.
-        start = quoted.start() if ":" in quoted.group(0) else body.find("\n", quoted.end()) + 1
-        headers = message_from_bytes(body[start:].lstrip().encode("utf-8", "replace"))
+    else:
+        headers = _quoted_message(message)
     if headers is None:
         return []
     fields = [str(v) for name in ("To", "Cc") for v in headers.get_all(name) or []]
     return [a for _, a in getaddresses(fields) if "@" in a]
+
+
+def _quoted_message(message: Message) -> Message | None:
+    """The message a report quotes in its text after its own words, if any."""
+    if quoted := load_rules().original_marker.search(body := _body_text(message)):
+        # The quote starts at a header ("Received: from") or on the line after a marker.
+        start = quoted.start() if ":" in quoted.group(0) else body.find("\n", quoted.end()) + 1
+        return message_from_bytes(body[start:].lstrip().encode("utf-8", "replace"))
+    return None
 
 
 def _verp_token(message: Message, domain: str) -> str | None:
@@ -553,6 +561,32 @@ def _part(message: Message, content_type: str) -> Message | None:
     return None
 
 
+_DELIVERY_STATUS = "message/delivery-status"
+# A delivery-status part in a report's text: its header line, and the MIME boundary after it.
+_UNPARSED_STATUS = re.compile(r"^content-type:\s*message/delivery-status[^\n]*\n", re.I | re.M)
+_BOUNDARY_LINE = re.compile(r"^\s*--\S+\s*$", re.MULTILINE)
+
+
+def _status_part(message: Message) -> tuple[Message | None, Message]:
+    """The report's delivery-status part, and the message whose own words explain it.
+
+    The report's part; else that of a DSN forwarded whole as text (a provider's helpdesk quoting
+    the bounce it received); else one whose MIME structure does not parse (an indented boundary
+    line), read from the text.
+    """
+    if (part := _part(message, _DELIVERY_STATUS)) is not None:
+        return part, message
+    quoted = _quoted_message(message)
+    if quoted is not None and (part := _part(quoted, _DELIVERY_STATUS)) is not None:
+        return part, quoted
+    if found := _UNPARSED_STATUS.search(body := _body_text(message)):
+        fields = _BOUNDARY_LINE.split(body[found.end() :], maxsplit=1)[0]
+        unparsed = Message()
+        unparsed.set_payload(fields)
+        return unparsed, message
+    return None, message
+
+
 def _recipient_blocks(status_part: Message) -> list[Message]:
     """The per-recipient blocks: those naming a recipient (the first block is the message's,
     but some MTAs, McAfee's, send only the recipient's)."""
@@ -563,7 +597,31 @@ def _recipient_blocks(status_part: Message) -> list[Message]:
         # Some MTAs send the report as an unparsed string: read its blocks by hand.
         text = payload if isinstance(payload, str) else ""
         blocks = [message_from_bytes(b.strip().encode()) for b in re.split(r"\n\s*\n", text)]
-    return [b for b in blocks if b.get("Final-Recipient") or b.get("Original-Recipient")]
+    return [
+        recipient
+        for block in blocks
+        for recipient in _one_per_recipient(block)
+        if recipient.get("Final-Recipient") or recipient.get("Original-Recipient")
+    ]
+
+
+_RECIPIENT_FIELDS = ("final-recipient", "original-recipient")
+
+
+def _one_per_recipient(block: Message) -> list[Message]:
+    """A block per recipient of a block that names several without the blank lines between
+    them (AOL's): each starts at the recipient field the first one starts with."""
+    names = [name.lower() for name in block.keys()]
+    lead = next((name for name in names if name in _RECIPIENT_FIELDS), None)
+    if lead is None or names.count(lead) < 2:
+        return [block]
+    recipients: list[Message] = []
+    for name, value in block.items():
+        if name.lower() == lead:
+            recipients.append(Message())
+        if recipients:
+            recipients[-1][name] = value
+    return recipients
 
 
 def _reporting_mta(status_part: Message) -> str | None:

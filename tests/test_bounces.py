@@ -580,3 +580,49 @@ def test_json_that_is_no_ses_notification_is_not_read_as_one():
     raw = _ses_notification({"eventType": "Open", "note": "notificationType"})
     [report] = parse_report(raw, return_path_domain=DOMAIN)
     assert report.bounce_class == BounceClass.NOT_BOUNCE
+
+
+_STATUS_FIELDS = (
+    "Reporting-MTA: dns; mx.example.net\r\n\r\n"
+    "Final-Recipient: rfc822; full@example.org\r\nAction: failed\r\nStatus: 5.2.2\r\n"
+    "Diagnostic-Code: smtp; 552 5.2.2 Mailbox full\r\n\r\n"
+    "Final-Recipient: rfc822; late@example.org\r\nAction: delayed\r\nStatus: 4.4.1\r\n"
+)
+
+
+def _report(status_fields: str, *, indent: str = "") -> str:
+    """A multipart/report; `indent` goes before the boundary line of its delivery-status part."""
+    return (
+        "From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; "
+        'boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nNot delivered.\r\n\r\n'
+        f"{indent}--b\r\nContent-Type: message/delivery-status\r\n\r\n{status_fields}\r\n--b--\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _report(_STATUS_FIELDS),
+        # An AOL relay runs the recipients' fields together, with no blank line between them.
+        _report(
+            _STATUS_FIELDS.replace(
+                "\r\n\r\nFinal-Recipient: rfc822; late", "\r\nFinal-Recipient: rfc822; late"
+            )
+        ),
+        # An indented boundary line: the MIME structure does not parse, the text is read.
+        _report(_STATUS_FIELDS, indent=" "),
+        # A provider's helpdesk forwards the whole bounce as text, after its own words.
+        "From: MAILER-DAEMON@mail.example.jp\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+        "Content-Type: text/plain\r\n\r\nThe message below could not be delivered.\r\n"
+        "------------------\r\nReceived: by relay.example.net (Postfix)\r\n"
+        + _report(_STATUS_FIELDS),
+    ],
+)
+def test_each_recipient_of_a_delivery_status_report_however_it_arrives(raw):
+    reports = parse_report(raw.encode(), return_path_domain=DOMAIN)
+    got = {r.recipient: (r.bounce_class, r.finality) for r in reports}
+    assert got == {
+        "full@example.org": (BounceClass.SOFT_BOUNCE, Finality.FAILED),
+        "late@example.org": (BounceClass.SOFT_BOUNCE, Finality.DELAYED),
+    }
