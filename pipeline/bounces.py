@@ -293,7 +293,11 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
     )
     others = [r for r, _ in found if r]
     return [
-        report(i, ReportKind.NON_STANDARD, _non_standard(recipient, human, finality, others))
+        report(
+            i,
+            ReportKind.NON_STANDARD,
+            _non_standard(recipient, human, finality, others, str(message.get("Subject") or "")),
+        )
         for i, (recipient, finality) in enumerate(found)
     ]
 
@@ -455,7 +459,11 @@ def _text_finality(text: str) -> Finality:
 
 
 def _non_standard(
-    recipient: str | None, human: str, finality: Finality | None, recipients: list[str]
+    recipient: str | None,
+    human: str,
+    finality: Finality | None,
+    recipients: list[str],
+    subject: str,
 ) -> _Finding:
     text = _about(human, recipient, recipients) if recipient else _flat(human)
     # A transcript quotes the server's 2xx replies too: the failure's code is the one wanted.
@@ -467,6 +475,9 @@ def _non_standard(
     if bounce_class == BounceClass.UNKNOWN and recipient and len(recipients) <= 1:
         # A one-recipient report may give the reason before naming the address.
         bounce_class = classify(status, human, stage, hosts)
+    if bounce_class == BounceClass.UNKNOWN:
+        # Some notices give the reason in their subject alone (fml's "Loop Alert: ...").
+        bounce_class = classify(status, subject, stage, hosts)
     if bounce_class == BounceClass.UNKNOWN and finality == Finality.DELAYED:
         # A delay warning whose words no rule explains is still a temporary problem.
         bounce_class = BounceClass.SOFT_BOUNCE
@@ -477,8 +488,8 @@ def _named_recipients(message: Message, human: str) -> list[str]:
     """The recipients a report in an unknown format names, for want of a detector that knows it.
 
     Addresses the returned original was sent to that the report's own words name; else the
-    addresses its lines begin with ("<address>: reason") or give as "RCPT TO:"; never the
-    report's own sender or recipient (the original's sender).
+    addresses its lines begin with ("<address>: reason") or give as "RCPT TO:"; else those it
+    gives in angle brackets; never the report's own sender or recipient (the original's sender).
     """
     lowered = human.lower()
     named = {a for a in _original_recipients(message) if a.lower() in lowered}
@@ -489,13 +500,17 @@ def _named_recipients(message: Message, human: str) -> list[str]:
                 [str(v) for h in ("From", "To", "Return-Path") for v in message.get_all(h) or []]
             )
         }
-        named = {a for a in _LISTED_ADDRESS.findall(human) if a.lower() not in own}
+        for pattern in (_LISTED_ADDRESS, _BRACKETED_ADDRESS):
+            if named := {a for a in pattern.findall(human) if a.lower() not in own}:
+                break
     return sorted(named, key=str.lower)
 
 
 _ADDRESS = r"[\w.+'=%-]+@[\w-]+(?:\.[\w-]+)+"
 # An address that begins a line of a report, or follows "RCPT TO:" in a transcript.
 _LISTED_ADDRESS = re.compile(rf"(?:^|rcpt to:)\s*<?({_ADDRESS})>?", re.IGNORECASE | re.MULTILINE)
+# Else an address in angle brackets anywhere in the report's words ("... in <list@example.org>").
+_BRACKETED_ADDRESS = re.compile(rf"<({_ADDRESS})>")
 
 
 def _original_recipients(message: Message) -> list[str]:
@@ -664,9 +679,13 @@ def _is_auto_reply(message: Message) -> bool:
 def _says_bounce(message: Message) -> bool:
     """The sender or the subject is a mailer daemon's."""
     rules = load_rules()
+    sender = str(message.get("From") or "")
     return bool(
-        rules.bounce_from.search(str(message.get("From") or ""))
+        rules.bounce_from.search(sender)
         or rules.bounce_subject.search(str(message.get("Subject") or ""))
+        # A mailing-list manager's notice about a post it refused (fml's: X-MLServer, from the
+        # list's -admin address).
+        or (message.get("X-MLServer") is not None and "-admin@" in sender.lower())
     )
 
 

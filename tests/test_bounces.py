@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pipeline.bounces import (
     BounceClass,
     Finality,
+    ReportKind,
     SmtpStage,
     classify,
     enhanced_status,
@@ -149,6 +150,8 @@ def test_a_recipient_repeated_in_one_report_gets_distinct_keys():
         ),  # fmt: skip
         ("5.0.0", "550 Denied by policy", BounceClass.POLICY_BLOCK),
         (None, "Google Groups: https://groups.google.com/support/", BounceClass.POLICY_BLOCK),
+        # A mail loop (RFC 3463 X.4.6) in a list manager's words: a routing problem, retried.
+        (None, "Loop Alert: Duplicated Message-ID (members ML)", BounceClass.SOFT_BOUNCE),
     ],
 )
 def test_shipped_rules(status, text, expected):
@@ -626,3 +629,19 @@ def test_each_recipient_of_a_delivery_status_report_however_it_arrives(raw):
         "full@example.org": (BounceClass.SOFT_BOUNCE, Finality.FAILED),
         "late@example.org": (BounceClass.SOFT_BOUNCE, Finality.DELAYED),
     }
+
+
+def test_a_list_managers_notice_names_the_list_and_gives_the_reason_in_its_subject():
+    raw = (
+        b"From: members-admin@lists.example.org\r\nTo: statements@eob.example.com\r\n"
+        b"Subject: Loop Alert: Duplicated Message-ID (members ML)\r\n"
+        b"X-MLServer: fml [fml 4.0.3 release]\r\n\r\n"
+        b"Duplicated Message-ID in <members@lists.example.org>.\r\n\r\n"
+        b"Original mail as follows:\r\n\r\n   To: <someone@example.net>\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.kind == ReportKind.NON_STANDARD
+    assert (report.recipient, report.bounce_class) == (
+        "members@lists.example.org",
+        BounceClass.SOFT_BOUNCE,
+    )
