@@ -1,11 +1,12 @@
 """Bounces stage: parse what reaches the return path, classify it, find the message it is about.
 
 What arrives is one of: an RFC 3464 DSN (per recipient: Action, Status, Diagnostic-Code), an
-ARF complaint (RFC 5965), an automatic reply (RFC 3834), a non-standard bounce in an MTA's own
-words, or an ordinary message. Recipients of non-standard bounces come from flufl.bounce
-(Mailman's detectors for ~30 MTAs). The class comes from `config/bounce_rules.toml`: ordered
-rules of enhanced-status and reply-text patterns; this module holds no class decisions of its
-own beyond the report's kind (a complaint is a complaint, a positive DSN is delivered).
+ARF complaint (RFC 5965), a provider's notification (Amazon SES's JSON), an automatic reply
+(RFC 3834), a non-standard bounce in an MTA's own words, or an ordinary message. Recipients of
+non-standard bounces come from flufl.bounce (Mailman's detectors for ~30 MTAs). The class comes
+from `config/bounce_rules.toml`: ordered rules of enhanced-status and reply-text patterns; this
+module holds no class decisions of its own beyond the report's kind (a complaint is a complaint,
+a positive DSN is delivered).
 
 Parsing does no I/O beyond loading the rules file; reading mailboxes lives in `collect.py`.
 """
