@@ -150,6 +150,13 @@ def test_a_recipient_repeated_in_one_report_gets_distinct_keys():
         ),  # fmt: skip
         ("5.0.0", "550 Denied by policy", BounceClass.POLICY_BLOCK),
         (None, "Google Groups: https://groups.google.com/support/", BounceClass.POLICY_BLOCK),
+        # A relay refusal is the receiver's policy, whatever it guesses of the address.
+        (
+            "5.7.54",
+            "Recipient email address is possibly incorrect. 5.7.54 SMTP; Unable to relay "
+            "recipient in non-accepted domain",
+            BounceClass.POLICY_BLOCK,
+        ),
         # A mail loop (RFC 3463 X.4.6) in a list manager's words: a routing problem, retried.
         (None, "Loop Alert: Duplicated Message-ID (members ML)", BounceClass.SOFT_BOUNCE),
     ],
