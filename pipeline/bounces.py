@@ -1,11 +1,12 @@
 """Bounces stage: parse what reaches the return path, classify it, find the message it is about.
 
 What arrives is one of: an RFC 3464 DSN (per recipient: Action, Status, Diagnostic-Code), an
-ARF complaint (RFC 5965), an automatic reply (RFC 3834), a non-standard bounce in an MTA's own
-words, or an ordinary message. Recipients of non-standard bounces come from flufl.bounce
-(Mailman's detectors for ~30 MTAs). The class comes from `config/bounce_rules.toml`: ordered
-rules of enhanced-status and reply-text patterns; this module holds no class decisions of its
-own beyond the report's kind (a complaint is a complaint, a positive DSN is delivered).
+ARF complaint (RFC 5965), a provider's notification (Amazon SES's JSON), an automatic reply
+(RFC 3834), a non-standard bounce in an MTA's own words, or an ordinary message. Recipients of
+non-standard bounces come from flufl.bounce (Mailman's detectors for ~30 MTAs). The class comes
+from `config/bounce_rules.toml`: ordered rules of enhanced-status and reply-text patterns; this
+module holds no class decisions of its own beyond the report's kind (a complaint is a complaint,
+a positive DSN is delivered).
 
 Parsing does no I/O beyond loading the rules file; reading mailboxes lives in `collect.py`.
 """
@@ -14,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email import message_from_bytes, policy
 from email.message import Message
 from email.utils import getaddresses
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from flufl.bounce import all_failures
 
@@ -122,6 +125,8 @@ class Rules:
     still_retrying: re.Pattern[str]
     # How MTAs name the SMTP command a refusal answered, per stage.
     stage_patterns: tuple[tuple[SmtpStage, re.Pattern[str]], ...]
+    # Amazon SES's own bounce sub-types that decide the class.
+    ses_bounce_subtypes: dict[str, BounceClass]
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,9 @@ def load_rules(path: Path = RULES_FILE) -> Rules:
         stage_patterns=tuple(
             (SmtpStage(name), pattern(value)) for name, value in raw["stage"].items()
         ),
+        ses_bounce_subtypes={
+            name: BounceClass(value) for name, value in raw["ses_bounce_subtype"].items()
+        },
     )
 
 
@@ -242,8 +250,16 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
             report(i, ReportKind.ARF, _Finding(r, bounce_class=BounceClass.COMPLAINT))
             for i, r in enumerate(recipients)
         ]
-    human = _human_text(message)
-    if (status_part := _part(message, "message/delivery-status")) is not None:
+    if str(message.get("X-Apple-Unsubscribe") or "").strip().lower() == "true":
+        # Apple Mail's unsubscribe request, sent from the recipient's own address (and marked
+        # auto-replied): the recipient asks for no more mail, an opt-out feedback.
+        opt_out = _Finding(
+            _bare(str(message.get("From") or "")), bounce_class=BounceClass.COMPLAINT
+        )
+        return [report(0, ReportKind.ARF, opt_out)]
+    status_part, explained = _status_part(message)
+    human = _human_text(explained)
+    if status_part is not None:
         blocks = _recipient_blocks(status_part)
         reporting_mta = _reporting_mta(status_part)
         if blocks:
@@ -251,6 +267,8 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
                 report(i, ReportKind.DSN, _dsn_block(block, human, reporting_mta))
                 for i, block in enumerate(blocks)
             ]
+    if (notice := _ses_notice(message)) is not None and (ses := _ses_findings(notice)):
+        return [report(i, kind, found) for i, (kind, found) in enumerate(ses)]
     temporary, permanent = _flufl_failures(message)
     failure_found = bool(temporary or permanent)
     # RFC 3834 headers are set on bounces too: they decide only when neither a detector nor
@@ -276,7 +294,11 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
     )
     others = [r for r, _ in found if r]
     return [
-        report(i, ReportKind.NON_STANDARD, _non_standard(recipient, human, finality, others))
+        report(
+            i,
+            ReportKind.NON_STANDARD,
+            _non_standard(recipient, human, finality, others, str(message.get("Subject") or "")),
+        )
         for i, (recipient, finality) in enumerate(found)
     ]
 
@@ -333,6 +355,91 @@ def _dsn_block(block: Message, human: str, reporting_mta: str | None) -> _Findin
     return _Finding(recipient, status, diagnostic, bounce_class, finality, stage)
 
 
+def _ses_notice(message: Message) -> dict[str, Any] | None:
+    """An Amazon SES notification sent by email (AWS SES "notification contents"): JSON, bare or
+    inside an SNS envelope whose "Message" is the notification as a JSON string."""
+    body = _body_text(message)
+    if "notificationType" not in body and "eventType" not in body:
+        return None
+    # Mail wraps long lines: a line break with a continuation blank is not the JSON's own.
+    text = re.sub(r"\r?\n[ \t]", "", body)
+    decoder = json.JSONDecoder(strict=False)
+    try:
+        notice, _ = decoder.raw_decode(text, max(text.find("{"), 0))
+        if isinstance(notice, dict) and isinstance(notice.get("Message"), str):
+            notice = decoder.decode(notice["Message"])
+    except ValueError:
+        return None
+    # Email notifications name the type "notificationType", event publishing "eventType".
+    if isinstance(notice, dict) and (notice.get("notificationType") or notice.get("eventType")):
+        return notice
+    return None
+
+
+def _ses_findings(notice: dict[str, Any]) -> list[tuple[ReportKind, _Finding]]:
+    """One finding per recipient an SES notification names: a bounce is read as the DSN block
+    it stands for; SES's own bounce sub-types (the rules file's) decide the class."""
+    notice_type = notice.get("notificationType") or notice.get("eventType")
+    if notice_type == "Complaint":
+        complained = _ses_list(notice, "complaint", "complainedRecipients")
+        return [
+            (
+                ReportKind.ARF,
+                _Finding(str(r.get("emailAddress")), bounce_class=BounceClass.COMPLAINT),
+            )
+            for r in complained
+            if isinstance(r, dict) and r.get("emailAddress")
+        ]
+    if notice_type == "Delivery":
+        response = str(_ses_section(notice, "delivery").get("smtpResponse") or "") or None
+        delivered = _Finding(
+            status=enhanced_status(response),
+            diagnostic=response,
+            bounce_class=BounceClass.DELIVERED,
+            finality=Finality.DELIVERED,
+        )
+        return [
+            (ReportKind.DSN, replace(delivered, recipient=str(r)))
+            for r in _ses_list(notice, "delivery", "recipients")
+        ]
+    if notice_type != "Bounce":
+        return []
+    bounce = _ses_section(notice, "bounce")
+    subtype_class = load_rules().ses_bounce_subtypes.get(str(bounce.get("bounceSubType")))
+    findings = []
+    for bounced in _ses_list(notice, "bounce", "bouncedRecipients"):
+        if not isinstance(bounced, dict) or not bounced.get("emailAddress"):
+            continue
+        block = Message()
+        # SES notifies a bounce once it has given up on the recipient.
+        block["Action"] = "failed"
+        block["Final-Recipient"] = f"rfc822; {bounced['emailAddress']}"
+        for field, key in (("Status", "status"), ("Diagnostic-Code", "diagnosticCode")):
+            if bounced.get(key):
+                block[field] = " ".join(str(bounced[key]).split())
+        found = _dsn_block(block, "", str(bounce.get("reportingMTA") or "") or None)
+        if subtype_class is not None:
+            found = replace(found, bounce_class=subtype_class)
+        elif bounce.get("bounceType") == "Transient" and found.bounce_class in {
+            BounceClass.HARD_BOUNCE,
+            BounceClass.UNKNOWN,
+        }:
+            # SES: "you may be able to send to this recipient in the future".
+            found = replace(found, bounce_class=BounceClass.SOFT_BOUNCE)
+        findings.append((ReportKind.DSN, found))
+    return findings
+
+
+def _ses_section(notice: dict[str, Any], name: str) -> dict[str, Any]:
+    section = notice.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def _ses_list(notice: dict[str, Any], name: str, key: str) -> list[Any]:
+    items = _ses_section(notice, name).get(key)
+    return items if isinstance(items, list) else []
+
+
 def _dsn_finality(action: str, status: str | None, explanation: str) -> Finality:
     action = action.strip().lower()
     if action.startswith(("delivered", "relayed", "expanded")):
@@ -353,7 +460,11 @@ def _text_finality(text: str) -> Finality:
 
 
 def _non_standard(
-    recipient: str | None, human: str, finality: Finality | None, recipients: list[str]
+    recipient: str | None,
+    human: str,
+    finality: Finality | None,
+    recipients: list[str],
+    subject: str,
 ) -> _Finding:
     text = _about(human, recipient, recipients) if recipient else _flat(human)
     # A transcript quotes the server's 2xx replies too: the failure's code is the one wanted.
@@ -365,6 +476,9 @@ def _non_standard(
     if bounce_class == BounceClass.UNKNOWN and recipient and len(recipients) <= 1:
         # A one-recipient report may give the reason before naming the address.
         bounce_class = classify(status, human, stage, hosts)
+    if bounce_class == BounceClass.UNKNOWN:
+        # Some notices give the reason in their subject alone (fml's "Loop Alert: ...").
+        bounce_class = classify(status, subject, stage, hosts)
     if bounce_class == BounceClass.UNKNOWN and finality == Finality.DELAYED:
         # A delay warning whose words no rule explains is still a temporary problem.
         bounce_class = BounceClass.SOFT_BOUNCE
@@ -375,8 +489,8 @@ def _named_recipients(message: Message, human: str) -> list[str]:
     """The recipients a report in an unknown format names, for want of a detector that knows it.
 
     Addresses the returned original was sent to that the report's own words name; else the
-    addresses its lines begin with ("<address>: reason") or give as "RCPT TO:"; never the
-    report's own sender or recipient (the original's sender).
+    addresses its lines begin with ("<address>: reason") or give as "RCPT TO:"; else those it
+    gives in angle brackets; never the report's own sender or recipient (the original's sender).
     """
     lowered = human.lower()
     named = {a for a in _original_recipients(message) if a.lower() in lowered}
@@ -387,13 +501,17 @@ def _named_recipients(message: Message, human: str) -> list[str]:
                 [str(v) for h in ("From", "To", "Return-Path") for v in message.get_all(h) or []]
             )
         }
-        named = {a for a in _LISTED_ADDRESS.findall(human) if a.lower() not in own}
+        for pattern in (_LISTED_ADDRESS, _BRACKETED_ADDRESS):
+            if named := {a for a in pattern.findall(human) if a.lower() not in own}:
+                break
     return sorted(named, key=str.lower)
 
 
 _ADDRESS = r"[\w.+'=%-]+@[\w-]+(?:\.[\w-]+)+"
 # An address that begins a line of a report, or follows "RCPT TO:" in a transcript.
 _LISTED_ADDRESS = re.compile(rf"(?:^|rcpt to:)\s*<?({_ADDRESS})>?", re.IGNORECASE | re.MULTILINE)
+# Else an address in angle brackets anywhere in the report's words ("... in <list@example.org>").
+_BRACKETED_ADDRESS = re.compile(rf"<({_ADDRESS})>")
 
 
 def _original_recipients(message: Message) -> list[str]:
@@ -406,14 +524,21 @@ def _original_recipients(message: Message) -> list[str]:
             headers = inner[0]
         elif isinstance(inner, str):
             headers = message_from_bytes(inner.encode("utf-8", "replace"))
-    elif quoted := load_rules().original_marker.search(body := _body_text(message)):
-        # The quote starts at a header ("Received: from") or on the line after a marker.
-        start = quoted.start() if ":" in quoted.group(0) else body.find("\n", quoted.end()) + 1
-        headers = message_from_bytes(body[start:].lstrip().encode("utf-8", "replace"))
+    else:
+        headers = _quoted_message(message)
     if headers is None:
         return []
     fields = [str(v) for name in ("To", "Cc") for v in headers.get_all(name) or []]
     return [a for _, a in getaddresses(fields) if "@" in a]
+
+
+def _quoted_message(message: Message) -> Message | None:
+    """The message a report quotes in its text after its own words, if any."""
+    if quoted := load_rules().original_marker.search(body := _body_text(message)):
+        # The quote starts at a header ("Received: from") or on the line after a marker.
+        start = quoted.start() if ":" in quoted.group(0) else body.find("\n", quoted.end()) + 1
+        return message_from_bytes(body[start:].lstrip().encode("utf-8", "replace"))
+    return None
 
 
 def _verp_token(message: Message, domain: str) -> str | None:
@@ -452,6 +577,32 @@ def _part(message: Message, content_type: str) -> Message | None:
     return None
 
 
+_DELIVERY_STATUS = "message/delivery-status"
+# A delivery-status part in a report's text: its header line, and the MIME boundary after it.
+_UNPARSED_STATUS = re.compile(r"^content-type:\s*message/delivery-status[^\n]*\n", re.I | re.M)
+_BOUNDARY_LINE = re.compile(r"^\s*--\S+\s*$", re.MULTILINE)
+
+
+def _status_part(message: Message) -> tuple[Message | None, Message]:
+    """The report's delivery-status part, and the message whose own words explain it.
+
+    The report's part; else that of a DSN forwarded whole as text (a provider's helpdesk quoting
+    the bounce it received); else one whose MIME structure does not parse (an indented boundary
+    line), read from the text.
+    """
+    if (part := _part(message, _DELIVERY_STATUS)) is not None:
+        return part, message
+    quoted = _quoted_message(message)
+    if quoted is not None and (part := _part(quoted, _DELIVERY_STATUS)) is not None:
+        return part, quoted
+    if found := _UNPARSED_STATUS.search(body := _body_text(message)):
+        fields = _BOUNDARY_LINE.split(body[found.end() :], maxsplit=1)[0]
+        unparsed = Message()
+        unparsed.set_payload(fields)
+        return unparsed, message
+    return None, message
+
+
 def _recipient_blocks(status_part: Message) -> list[Message]:
     """The per-recipient blocks: those naming a recipient (the first block is the message's,
     but some MTAs, McAfee's, send only the recipient's)."""
@@ -462,7 +613,31 @@ def _recipient_blocks(status_part: Message) -> list[Message]:
         # Some MTAs send the report as an unparsed string: read its blocks by hand.
         text = payload if isinstance(payload, str) else ""
         blocks = [message_from_bytes(b.strip().encode()) for b in re.split(r"\n\s*\n", text)]
-    return [b for b in blocks if b.get("Final-Recipient") or b.get("Original-Recipient")]
+    return [
+        recipient
+        for block in blocks
+        for recipient in _one_per_recipient(block)
+        if recipient.get("Final-Recipient") or recipient.get("Original-Recipient")
+    ]
+
+
+_RECIPIENT_FIELDS = ("final-recipient", "original-recipient")
+
+
+def _one_per_recipient(block: Message) -> list[Message]:
+    """A block per recipient of a block that names several without the blank lines between
+    them (AOL's): each starts at the recipient field the first one starts with."""
+    names = [name.lower() for name in block.keys()]
+    lead = next((name for name in names if name in _RECIPIENT_FIELDS), None)
+    if lead is None or names.count(lead) < 2:
+        return [block]
+    recipients: list[Message] = []
+    for name, value in block.items():
+        if name.lower() == lead:
+            recipients.append(Message())
+        if recipients:
+            recipients[-1][name] = value
+    return recipients
 
 
 def _reporting_mta(status_part: Message) -> str | None:
@@ -505,9 +680,13 @@ def _is_auto_reply(message: Message) -> bool:
 def _says_bounce(message: Message) -> bool:
     """The sender or the subject is a mailer daemon's."""
     rules = load_rules()
+    sender = str(message.get("From") or "")
     return bool(
-        rules.bounce_from.search(str(message.get("From") or ""))
+        rules.bounce_from.search(sender)
         or rules.bounce_subject.search(str(message.get("Subject") or ""))
+        # A mailing-list manager's notice about a post it refused (fml's: X-MLServer, from the
+        # list's -admin address).
+        or (message.get("X-MLServer") is not None and "-admin@" in sender.lower())
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from pipeline.bounces import (
     BounceClass,
     Finality,
+    ReportKind,
     SmtpStage,
     classify,
     enhanced_status,
@@ -147,6 +150,15 @@ def test_a_recipient_repeated_in_one_report_gets_distinct_keys():
         ),  # fmt: skip
         ("5.0.0", "550 Denied by policy", BounceClass.POLICY_BLOCK),
         (None, "Google Groups: https://groups.google.com/support/", BounceClass.POLICY_BLOCK),
+        # A relay refusal is the receiver's policy, whatever it guesses of the address.
+        (
+            "5.7.54",
+            "Recipient email address is possibly incorrect. 5.7.54 SMTP; Unable to relay "
+            "recipient in non-accepted domain",
+            BounceClass.POLICY_BLOCK,
+        ),
+        # A mail loop (RFC 3463 X.4.6) in a list manager's words: a routing problem, retried.
+        (None, "Loop Alert: Duplicated Message-ID (members ML)", BounceClass.SOFT_BOUNCE),
     ],
 )
 def test_shipped_rules(status, text, expected):
@@ -438,13 +450,23 @@ def test_an_auto_reply_header_does_not_hide_a_mailer_daemons_report():
     assert report.bounce_class == BounceClass.HARD_BOUNCE
 
 
-def test_an_auto_reply_with_a_null_return_path_stays_an_auto_reply():
-    raw = (
-        b"Return-Path: <>\r\nFrom: Member <member@example.org>\r\n"
-        b"Subject: Automatic reply: statement\r\n\r\nI am away until Monday.\r\n"
-    )
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # A null return path does not make an automatic reply a bounce.
+        (b"Return-Path: <>\r\nSubject: Automatic reply: statement\r\n", BounceClass.AUTO_REPLY),
+        # Apple Mail's unsubscribe request is marked auto-replied too: it is an opt-out.
+        (
+            b"Subject: unsubscribe\r\nAuto-Submitted: auto-replied\r\n"
+            b"X-Apple-Unsubscribe: true\r\n",
+            BounceClass.COMPLAINT,
+        ),
+    ],
+)
+def test_a_message_from_the_recipients_own_address_names_it(headers, expected):
+    raw = b"From: Member <member@example.org>\r\n" + headers + b"\r\nI am away until Monday.\r\n"
     [report] = parse_report(raw, return_path_domain=DOMAIN)
-    assert report.bounce_class == BounceClass.AUTO_REPLY
+    assert report.bounce_class == expected
     assert report.recipient == "member@example.org"  # RFC 3834: the recipient replies
 
 
@@ -484,3 +506,149 @@ def test_the_recipient_of_a_quoted_original_is_named():
     )
     [report] = parse_report(raw, return_path_domain=DOMAIN)
     assert (report.recipient, report.bounce_class) == ("gone@example.org", BounceClass.HARD_BOUNCE)
+
+
+def _ses_notification(notice: dict[str, object], *, sns: bool = False) -> bytes:
+    """An Amazon SES notification as SES emails it: the JSON alone, or (SNS) as the "Message"
+    string of an SNS envelope, its long lines wrapped as mail wraps them."""
+    body = json.dumps(notice)
+    if sns:
+        envelope = json.dumps({"Type": "Notification", "Message": body}, indent=2)
+        body = "\r\n ".join(envelope[i : i + 70] for i in range(0, len(envelope), 70))
+    return (
+        "From: no-reply@sns.amazonaws.com\r\nTo: statements@eob.example.com\r\n"
+        f"Subject: AWS Notification Message\r\nContent-Type: text/plain\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def _ses_bounce(bounce_type: str, subtype: str, status: str, diagnostic: str) -> dict[str, object]:
+    recipient = {"emailAddress": "member@example.org", "status": status}
+    return {
+        "notificationType": "Bounce",
+        "bounce": {
+            "bounceType": bounce_type,
+            "bounceSubType": subtype,
+            "bouncedRecipients": [{**recipient, "diagnosticCode": diagnostic}],
+            "reportingMTA": "dsn; a1-2.smtp-out.us-west-2.amazonses.com",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("notice", "expected"),
+    [
+        # "General": the recipient's status and diagnostic decide, as in a DSN.
+        (
+            _ses_bounce("Permanent", "General", "5.1.1", "smtp; 550 5.1.1 user unknown"),
+            (BounceClass.HARD_BOUNCE, Finality.FAILED, "5.1.1"),
+        ),
+        # SES's own sub-types decide over the words.
+        (
+            _ses_bounce("Permanent", "Suppressed", "5.1.1", "Amazon SES has suppressed sending"),
+            (BounceClass.HARD_BOUNCE, Finality.FAILED, "5.1.1"),
+        ),
+        (
+            _ses_bounce("Transient", "MailboxFull", "5.2.2", "smtp; 552 5.2.2 over the limit"),
+            (BounceClass.SOFT_BOUNCE, Finality.FAILED, "5.2.2"),
+        ),
+        (
+            _ses_bounce("Transient", "ContentRejected", "5.3.0", "smtp; 550 5.3.0 refused"),
+            (BounceClass.POLICY_BLOCK, Finality.FAILED, "5.3.0"),
+        ),
+        # A transient bounce whose words read as a bad address is still temporary.
+        (
+            _ses_bounce("Transient", "General", "5.1.1", "smtp; 550 user unknown"),
+            (BounceClass.SOFT_BOUNCE, Finality.FAILED, "5.1.1"),
+        ),
+        (
+            {
+                "notificationType": "Delivery",
+                "delivery": {
+                    "recipients": ["member@example.org"],
+                    "smtpResponse": "250 2.6.0 Message received",
+                },
+            },
+            (BounceClass.DELIVERED, Finality.DELIVERED, "2.6.0"),
+        ),
+        (
+            {
+                "notificationType": "Complaint",
+                "complaint": {"complainedRecipients": [{"emailAddress": "member@example.org"}]},
+            },
+            (BounceClass.COMPLAINT, None, None),
+        ),
+    ],
+)
+@pytest.mark.parametrize("sns", [False, True])
+def test_amazon_ses_notifications(notice, expected, sns):
+    [report] = parse_report(_ses_notification(notice, sns=sns), return_path_domain=DOMAIN)
+    assert report.recipient == "member@example.org"
+    assert (report.bounce_class, report.finality, report.status) == expected
+
+
+def test_json_that_is_no_ses_notification_is_not_read_as_one():
+    raw = _ses_notification({"eventType": "Open", "note": "notificationType"})
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.bounce_class == BounceClass.NOT_BOUNCE
+
+
+_STATUS_FIELDS = (
+    "Reporting-MTA: dns; mx.example.net\r\n\r\n"
+    "Final-Recipient: rfc822; full@example.org\r\nAction: failed\r\nStatus: 5.2.2\r\n"
+    "Diagnostic-Code: smtp; 552 5.2.2 Mailbox full\r\n\r\n"
+    "Final-Recipient: rfc822; late@example.org\r\nAction: delayed\r\nStatus: 4.4.1\r\n"
+)
+
+
+def _report(status_fields: str, *, indent: str = "") -> str:
+    """A multipart/report; `indent` goes before the boundary line of its delivery-status part."""
+    return (
+        "From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; "
+        'boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nNot delivered.\r\n\r\n'
+        f"{indent}--b\r\nContent-Type: message/delivery-status\r\n\r\n{status_fields}\r\n--b--\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _report(_STATUS_FIELDS),
+        # An AOL relay runs the recipients' fields together, with no blank line between them.
+        _report(
+            _STATUS_FIELDS.replace(
+                "\r\n\r\nFinal-Recipient: rfc822; late", "\r\nFinal-Recipient: rfc822; late"
+            )
+        ),
+        # An indented boundary line: the MIME structure does not parse, the text is read.
+        _report(_STATUS_FIELDS, indent=" "),
+        # A provider's helpdesk forwards the whole bounce as text, after its own words.
+        "From: MAILER-DAEMON@mail.example.jp\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+        "Content-Type: text/plain\r\n\r\nThe message below could not be delivered.\r\n"
+        "------------------\r\nReceived: by relay.example.net (Postfix)\r\n"
+        + _report(_STATUS_FIELDS),
+    ],
+)
+def test_each_recipient_of_a_delivery_status_report_however_it_arrives(raw):
+    reports = parse_report(raw.encode(), return_path_domain=DOMAIN)
+    got = {r.recipient: (r.bounce_class, r.finality) for r in reports}
+    assert got == {
+        "full@example.org": (BounceClass.SOFT_BOUNCE, Finality.FAILED),
+        "late@example.org": (BounceClass.SOFT_BOUNCE, Finality.DELAYED),
+    }
+
+
+def test_a_list_managers_notice_names_the_list_and_gives_the_reason_in_its_subject():
+    raw = (
+        b"From: members-admin@lists.example.org\r\nTo: statements@eob.example.com\r\n"
+        b"Subject: Loop Alert: Duplicated Message-ID (members ML)\r\n"
+        b"X-MLServer: fml [fml 4.0.3 release]\r\n\r\n"
+        b"Duplicated Message-ID in <members@lists.example.org>.\r\n\r\n"
+        b"Original mail as follows:\r\n\r\n   To: <someone@example.net>\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert report.kind == ReportKind.NON_STANDARD
+    assert (report.recipient, report.bounce_class) == (
+        "members@lists.example.org",
+        BounceClass.SOFT_BOUNCE,
+    )
