@@ -140,6 +140,9 @@ def dev_keyring_path(data_dir: Path) -> Path:
     return data_dir / "keys" / "at_rest.keys"
 
 
+_warned_dev_keyrings: set[Path] = set()
+
+
 def load_keyring(data_dir: Path, environ: Mapping[str, str] | None = None) -> Keyring:
     """The keyring from EOB_AT_REST_KEYS, else the data directory's development keyring."""
     environ = os.environ if environ is None else environ
@@ -148,7 +151,9 @@ def load_keyring(data_dir: Path, environ: Mapping[str, str] | None = None) -> Ke
     path = dev_keyring_path(data_dir)
     if not path.exists():
         add_dev_key(data_dir)
-    log.warning("at-rest encryption uses the development keyring in the data directory")
+    if path not in _warned_dev_keyrings:  # once per process: every stage loads the keyring
+        _warned_dev_keyrings.add(path)
+        log.warning("at-rest encryption uses the development keyring in the data directory")
     return parse_keys(path.read_text(encoding="ascii"), source=str(path))
 
 
