@@ -5,6 +5,7 @@ Limits are asserted at the receiver, from the source address each message arrive
 
 from __future__ import annotations
 
+import statistics
 import tomllib
 from collections import Counter
 from collections.abc import Callable
@@ -220,6 +221,13 @@ def test_nothing_listening_defers(certs):
     assert results["m1"].outcome == Outcome.DEFERRED and results["m1"].code is None
 
 
+def arrival_rate(times: list[float]) -> float:
+    """Messages per second at the receiver: the least-squares slope of arrival number over
+    time. Unlike (n - 1) / span, one arrival delayed by a busy machine at either end barely
+    moves it, while a lane that really runs fast or slow still shows."""
+    return statistics.linear_regression(times, range(len(times))).slope
+
+
 def test_per_ip_rate_connections_and_reuse_hold_at_the_receiver(certs):
     per_ip, rate = 30, 20.0
     receiver = Receiver(Script())
@@ -231,8 +239,7 @@ def test_per_ip_rate_connections_and_reuse_hold_at_the_receiver(certs):
     assert receiver.per_peer() == {IPS[0]: per_ip, IPS[1]: per_ip}
     for ip in IPS:
         times = sorted(a.at for a in receiver.arrivals if a.peer == ip)
-        achieved = (len(times) - 1) / (times[-1] - times[0])
-        assert achieved == pytest.approx(rate, rel=0.05)
+        assert arrival_rate(times) == pytest.approx(rate, rel=0.05)
         assert 1 <= receiver.max_open[ip] <= 3
     per_connection = Counter(a.connection for a in receiver.arrivals)
     assert max(per_connection.values()) <= 4
@@ -250,7 +257,7 @@ def test_throttle_replies_slow_the_lane(certs):
     assert [results[f"m{n}"].outcome for n in range(2)] == [Outcome.DEFERRED] * 2
     times = sorted(a.at for a in receiver.arrivals)
     assert len(times) == 10
-    assert (len(times) - 1) / (times[-1] - times[0]) == pytest.approx(5.0, rel=0.1)
+    assert arrival_rate(times) == pytest.approx(5.0, rel=0.1)
 
 
 def test_a_block_reply_suspends_the_lane_and_holds_the_rest(certs):
