@@ -268,6 +268,9 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
                 for i, block in enumerate(blocks)
             ]
     if (notice := _ses_notice(message)) is not None and (ses := _ses_findings(notice)):
+        # SES sends from its own return path, so no VERP token: the original's Message-ID,
+        # which the notification records, is what matches it (report() reads it at call time).
+        original_id = _ses_original_message_id(notice) or original_id
         return [report(i, kind, found) for i, (kind, found) in enumerate(ses)]
     temporary, permanent = _flufl_failures(message)
     failure_found = bool(temporary or permanent)
@@ -428,6 +431,20 @@ def _ses_findings(notice: dict[str, Any]) -> list[tuple[ReportKind, _Finding]]:
             found = replace(found, bounce_class=BounceClass.SOFT_BOUNCE)
         findings.append((ReportKind.DSN, found))
     return findings
+
+
+def _ses_original_message_id(notice: dict[str, Any]) -> str | None:
+    """The sent message's Message-ID from the notification's "mail" object: commonHeaders,
+    else the original headers SES includes when configured to."""
+    mail = _ses_section(notice, "mail")
+    common = mail.get("commonHeaders")
+    value = common.get("messageId") if isinstance(common, dict) else None
+    headers = mail.get("headers")
+    for header in headers if isinstance(headers, list) and not value else []:
+        if isinstance(header, dict) and str(header.get("name", "")).lower() == "message-id":
+            value = header.get("value")
+    found = re.search(r"<([^>\s]+)>", str(value or ""))
+    return found.group(1) if found else None
 
 
 def _ses_section(notice: dict[str, Any], name: str) -> dict[str, Any]:

@@ -586,6 +586,21 @@ def test_amazon_ses_notifications(notice, expected, sns):
     assert (report.bounce_class, report.finality, report.status) == expected
 
 
+@pytest.mark.parametrize(
+    "mail",
+    [
+        {"commonHeaders": {"messageId": "<m1a2b3@eob.example.com>"}},
+        {"headers": [{"name": "Subject", "value": "x"},
+                     {"name": "Message-ID", "value": "<m1a2b3@eob.example.com>"}]},
+    ],
+)  # fmt: skip
+def test_an_ses_notice_matches_by_the_message_id_it_records(mail):
+    # SES bounces from its own return path (no VERP token): the recorded Message-ID matches.
+    notice = {**_ses_bounce("Permanent", "General", "5.1.1", "smtp; 550 5.1.1"), "mail": mail}
+    [report] = parse_report(_ses_notification(notice, sns=True), return_path_domain=DOMAIN)
+    assert (report.message_token, report.original_message_id) == (None, "m1a2b3@eob.example.com")
+
+
 def test_json_that_is_no_ses_notification_is_not_read_as_one():
     raw = _ses_notification({"eventType": "Open", "note": "notificationType"})
     [report] = parse_report(raw, return_path_domain=DOMAIN)
