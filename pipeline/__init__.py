@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from pipeline.config import SendingIp, Settings, load_settings
+from pipeline.config import Settings, load_settings
 from pipeline.errors import (
     AccountingError,
     ConfigError,
@@ -33,7 +33,6 @@ __all__ = [
     "IllegalTransition",
     "InputError",
     "LedgerError",
-    "SendingIp",
     "Settings",
     "TlsRequired",
     "load_settings",

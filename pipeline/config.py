@@ -6,7 +6,6 @@ Bad configuration fails fast with a ConfigError naming the setting.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -15,16 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class SendingIp:
-    # Source address the SMTP connection is bound to (a dedicated IP; loopback locally).
-    address: str
-    # Name announced in EHLO; must resolve back to `address` in production (FCrDNS).
-    ehlo_name: str
-    # Share of traffic relative to the other IPs of the pool.
-    weight: int = 1
 
 
 @dataclass(frozen=True)
@@ -40,11 +29,6 @@ class Settings:
     tls_ca_file: str = ""
     # Sending policy (pool, warm-up, shaping, back-off, retry); empty means config/sending.toml.
     sending_policy_file: str = ""
-    # Dedicated sending IPs; at least two so one IP's reputation problem never stops delivery.
-    sending_ips: tuple[SendingIp, ...] = (
-        SendingIp("127.0.0.2", "mta1.eob.example.com"),
-        SendingIp("127.0.0.3", "mta2.eob.example.com"),
-    )
     # Visible From address of every EOB email.
     from_address: str = "statements@eob.example.com"
     # Domain of the VERP return path: bounces+<message token>@<domain>.
@@ -108,7 +92,7 @@ class Settings:
         return self.data_dir / "sink" / "inbox"
 
 
-_SCALARS = {f.name: f for f in fields(Settings) if f.name != "sending_ips"}
+_SCALARS = {f.name: f for f in fields(Settings)}
 
 
 def load_settings(
@@ -133,9 +117,6 @@ def load_settings(
 def _build(values: dict[str, Any]) -> Settings:
     settings = Settings()
     for name, value in values.items():
-        if name == "sending_ips":
-            settings = replace(settings, sending_ips=_sending_ips(value))
-            continue
         if name not in _SCALARS:
             raise ConfigError(f"unknown setting {name!r}")
         default = getattr(settings, name)
@@ -157,23 +138,4 @@ def _build(values: dict[str, Any]) -> Settings:
     return settings
 
 
-def _sending_ips(value: Any) -> tuple[SendingIp, ...]:
-    if not isinstance(value, list) or len(value) < 2:
-        raise ConfigError("setting sending_ips: a list of at least two [[sending_ips]] tables")
-    ips = []
-    for index, item in enumerate(value):
-        where = f"setting sending_ips[{index}]"
-        if not isinstance(item, dict) or "address" not in item or "ehlo_name" not in item:
-            raise ConfigError(f"{where}: needs address and ehlo_name")
-        try:
-            ipaddress.ip_address(item["address"])
-        except ValueError as err:
-            raise ConfigError(f"{where}.address: not an IP address") from err
-        weight = item.get("weight", 1)
-        if not isinstance(weight, int) or weight < 1:
-            raise ConfigError(f"{where}.weight: a whole number >= 1")
-        ips.append(SendingIp(item["address"], item["ehlo_name"], weight))
-    return tuple(ips)
-
-
-__all__ = ["SendingIp", "Settings", "load_settings"]
+__all__ = ["Settings", "load_settings"]

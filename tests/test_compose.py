@@ -17,6 +17,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from pipeline.config import load_settings
+from pipeline.policy import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -115,8 +116,10 @@ def test_stack_pipeline_config_file_loads(compose: dict) -> None:
     env = compose["services"]["scheduler"]["environment"]
     host = _bind_mounts(compose["services"]["scheduler"])[env["EOB_CONFIG"]]
     settings = load_settings(REPO / host, environ={})
+    mounts = _bind_mounts(compose["services"]["scheduler"])
+    policy = load_policy(REPO / mounts[settings.sending_policy_file])
     # Mailpit is another container: sending must not be bound to loopback-only addresses.
-    assert all(not ip.address.startswith("127.") for ip in settings.sending_ips)
+    assert policy.pool and all(not ip.address.startswith("127.") for ip in policy.pool)
 
 
 def test_pip_requirements_match_pyproject(compose: dict) -> None:
