@@ -179,9 +179,6 @@ class Archive:
     def _path(self, sha256: str) -> Path:
         return self.directory / f"{sha256}.eml.enc"
 
-    def has(self, sha256: str) -> bool:
-        return self._path(sha256).exists()
-
     def keep(self, item: Collected) -> None:
         write_encrypted(self._path(item.sha256), item.raw, self._keyring, _context(item.sha256))
 

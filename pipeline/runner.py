@@ -829,17 +829,20 @@ def _bounces(ctx: RunContext) -> dict[str, int]:
     source = collect.source_from(ctx.settings.return_path_source, ctx.settings.return_path_maildir)
     archive = collect.Archive.in_data_dir(ctx.settings.data_dir, ctx.keyring)
     for item in source.messages():
-        if archive.has(item.sha256):
-            counts["already_seen"] += 1
-        else:
-            archive.keep(item)
-            with ctx.sessions.begin() as session:
+        # The ledger, not the archive, says whether a report was processed: a report archived
+        # by a run that then failed before its commit is processed again, never skipped.
+        with ctx.sessions.begin() as session:
+            known = select(Bounce.bounce_id).where(Bounce.raw_sha256 == item.sha256).limit(1)
+            if session.scalar(known) is not None:
+                counts["already_seen"] += 1
+            else:
                 for report in bounces.parse_report(
                     item.raw, return_path_domain=ctx.settings.return_path_domain
                 ):
                     matched = _record_report(session, report, item.sha256)
                     counts["reports"] += 1
                     counts["matched" if matched else "unmatched"] += 1
+                archive.keep(item)  # last: a failure here rolls the rows back
         source.mark_processed(item.ref)
     return counts
 

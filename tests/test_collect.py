@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
+from pipeline import bounces
 from pipeline.atrest import DecryptionError, parse_keys
 from pipeline.collect import Archive, Collected, MaildirSource, MboxSource, legacy_fernet_key
+from pipeline.config import Settings
 from pipeline.plan import verp_return_path
+from pipeline.runner import run_stage, start_run
 from pipeline.sink import delivery_status_notification
+from tests.conftest import sample_drop
 
 DOMAIN = "bounces.eob.example.com"
 KEY_A = base64.b64encode(bytes(range(32))).decode()
@@ -46,9 +50,7 @@ def test_a_source_yields_each_message_until_marked(tmp_path: Path, kind: str):
 def test_the_archive_keeps_raw_reports_encrypted_and_knows_them_by_hash(tmp_path: Path):
     archive = Archive(tmp_path / "archive", RING_A)
     item = Collected("k", _dsn("m1"))
-    assert not archive.has(item.sha256)
     archive.keep(item)
-    assert archive.has(item.sha256)
     [stored] = (tmp_path / "archive").iterdir()
     assert stored.name == f"{item.sha256}.eml.enc"
     assert b"gone@example.org" not in stored.read_bytes()  # PHI is not readable at rest
@@ -145,4 +147,31 @@ def test_the_bounces_stage_reads_an_mbox(sink, tmp_path: Path):
     settings = replace(sink, return_path_source=f"mbox:{tmp_path / 'returns.mbox'}")
     run_id = start_run(settings, sample_drop(tmp_path))
     assert run_stage(settings, run_id, "bounces")["reports"] == 1
+    assert run_stage(settings, run_id, "bounces")["reports"] == 0
+
+
+def test_a_report_whose_processing_failed_is_processed_on_the_next_run(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The ledger decides what was processed: a report archived by a run that then failed
+    # before its commit must not be skipped (and removed from the maildir) as already seen.
+    run_id = start_run(settings, sample_drop(tmp_path))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    box = mailbox.Maildir(settings.return_path_maildir, create=True)
+    box.add(_dsn("m1"))
+    box.flush()
+    parse = bounces.parse_report
+
+    def broken(*args: object, **kwargs: object) -> list[bounces.BounceReport]:
+        raise RuntimeError("ledger went away")
+
+    monkeypatch.setattr(bounces, "parse_report", broken)
+    with pytest.raises(RuntimeError):
+        run_stage(settings, run_id, "bounces")
+    assert len(box) == 1  # not marked processed
+
+    monkeypatch.setattr(bounces, "parse_report", parse)
+    counts = run_stage(settings, run_id, "bounces")
+    assert (counts["reports"], counts["already_seen"]) == (1, 0)
+    assert len(mailbox.Maildir(settings.return_path_maildir, create=False)) == 0
     assert run_stage(settings, run_id, "bounces")["reports"] == 0

@@ -135,8 +135,9 @@ class Bounce(Base):
     kind: Mapped[str] = mapped_column(String(20), default="dsn")
     # How it was matched: verp, message_id, or none (then it waits on the review list).
     matched_by: Mapped[str] = mapped_column(String(20), default="none")
-    # sha256 of the raw report kept encrypted in the archive (none for SMTP-time rejections).
-    raw_sha256: Mapped[str | None] = mapped_column(String(64))
+    # sha256 of the raw report kept encrypted in the archive (none for SMTP-time rejections);
+    # a report with a row here has been processed.
+    raw_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class Suppression(Base):
