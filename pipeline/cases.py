@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 from pipeline.errors import LedgerError
 from pipeline.ledger import audit
 from pipeline.ledger.models import Incident, Message, ResendCase, Suppression
-from pipeline.ledger.states import CaseState, MessageState, transition_case
-from pipeline.plan import ToPlan, message_token, plan_sends, planned_usage
+from pipeline.ledger.states import CaseState, transition_case
+from pipeline.plan import NewMessage, add_planned_messages
 from pipeline.policy import DEFAULT_PROVIDER, SendingPolicy
 
 CHANNELS = ("phone", "secure_sms", "portal", "mail")
@@ -208,37 +208,27 @@ def plan_attempts(
     planner as first attempts: an IP and a send day within the warm-up caps, counting what is
     already planned (a new attempt may go out over another IP than the one that failed, or
     spill to a later day)."""
-    today = datetime.now(UTC).date()
-    by_key: dict[str, tuple[NewAttempt, int]] = {}
+    latest = dict(
+        session.execute(
+            select(Message.statement_id, func.max(Message.attempt))
+            .where(Message.statement_id.in_({item.statement_id for item in wanted}))
+            .group_by(Message.statement_id)
+        ).all()
+    )
+    new_messages = []
     for item in wanted:
-        latest = session.scalar(
-            select(func.max(Message.attempt)).where(Message.statement_id == item.statement_id)
+        attempt = latest.get(item.statement_id, 0) + 1
+        new_messages.append(
+            NewMessage(
+                f"{item.statement_id}:{attempt}",
+                item.statement_id,
+                attempt,
+                item.recipient,
+                item.provider,
+                item.case_id,
+            )
         )
-        attempt = (latest or 0) + 1
-        by_key[f"{item.statement_id}:{attempt}"] = (item, attempt)
-    to_plan = [ToPlan(key, item.provider) for key, (item, _) in by_key.items()]
-    messages = []
-    for assignment in plan_sends(to_plan, policy, today, planned_usage(session, today)):
-        item, attempt = by_key[assignment.statement_id]
-        now = datetime.now(UTC)
-        message = Message(
-            message_id=message_token(item.statement_id, attempt),
-            statement_id=item.statement_id,
-            run_id=run_id,
-            attempt=attempt,
-            case_id=item.case_id,
-            recipient=item.recipient,
-            source_ip=assignment.ip.address,
-            ehlo_name=assignment.ip.ehlo_name,
-            provider=item.provider,
-            send_day=assignment.day,
-            state=MessageState.PLANNED,
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(message)
-        messages.append(message)
-    return messages
+    return add_planned_messages(session, new_messages, run_id, policy, datetime.now(UTC).date())
 
 
 def on_attempt_accepted(session: Session, message: Message, *, actor: str = "send") -> None:

@@ -12,7 +12,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -74,6 +74,50 @@ def plan_sends(
         usage[ip.address, item.provider, day] += 1
         assignments.append(Assignment(item.statement_id, ip, day))
     return assignments
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message row to plan. `key` seeds the IP choice: a first attempt uses its statement id,
+    a later one "<statement id>:<attempt>" so it may go out over another IP."""
+
+    key: str
+    statement_id: str
+    attempt: int
+    recipient: str
+    provider: str
+    case_id: str | None = None
+
+
+def add_planned_messages(
+    session: Session, wanted: Sequence[NewMessage], run_id: str, policy: SendingPolicy, today: date
+) -> list[Message]:
+    """The message rows of `run_id`, each given an IP and a send day by `plan_sends` within the
+    warm-up caps, counting what the ledger has already planned; added to the session."""
+    by_key = {item.key: item for item in wanted}
+    to_plan = [ToPlan(item.key, item.provider) for item in wanted]
+    messages = []
+    for assignment in plan_sends(to_plan, policy, today, planned_usage(session, today)):
+        item = by_key[assignment.statement_id]
+        now = datetime.now(UTC)
+        message = Message(
+            message_id=message_token(item.statement_id, item.attempt),
+            statement_id=item.statement_id,
+            run_id=run_id,
+            attempt=item.attempt,
+            case_id=item.case_id,
+            recipient=item.recipient,
+            source_ip=assignment.ip.address,
+            ehlo_name=assignment.ip.ehlo_name,
+            provider=item.provider,
+            send_day=assignment.day,
+            state=MessageState.PLANNED,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(message)
+        messages.append(message)
+    return messages
 
 
 def planned_usage(session: Session, today: date) -> Usage:

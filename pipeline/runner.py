@@ -56,7 +56,7 @@ from pipeline.ledger.states import (
     transition_message,
     transition_messages,
 )
-from pipeline.plan import ToPlan, message_token, plan_sends, planned_usage, verp_return_path
+from pipeline.plan import NewMessage, add_planned_messages, message_token, verp_return_path
 from pipeline.policy import DEFAULT_PROVIDER, SendingPolicy, policy_for
 from pipeline.printbatch import PrintPiece, build_print_batch
 from pipeline.profiles import load_profile
@@ -558,29 +558,13 @@ def _plan(ctx: RunContext) -> dict[str, int]:
                 continue
             to_plan[statement.statement_id] = statement
         providers = _providers(policy, [s.email or "" for s in to_plan.values()])
-        items = [
-            ToPlan(s.statement_id, providers[_domain(s.email or "")]) for s in to_plan.values()
+        wanted = [
+            NewMessage(s.statement_id, s.statement_id, 1, email, providers[_domain(email)])
+            for s in to_plan.values()
+            if (email := s.email) is not None
         ]
-        for assignment in plan_sends(items, policy, today, planned_usage(session, today)):
-            statement = to_plan[assignment.statement_id]
-            assert statement.email is not None
-            now = datetime.now(UTC)
-            message = Message(
-                message_id=message_token(statement.statement_id, 1),
-                statement_id=statement.statement_id,
-                run_id=ctx.run_id,
-                attempt=1,
-                recipient=statement.email,
-                source_ip=assignment.ip.address,
-                ehlo_name=assignment.ip.ehlo_name,
-                provider=providers[_domain(statement.email)],
-                send_day=assignment.day,
-                state=MessageState.PLANNED,
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(message)
-            if session.get(Suppression, statement.email.lower()) is not None:
+        for message in add_planned_messages(session, wanted, ctx.run_id, policy, today):
+            if session.get(Suppression, message.recipient.lower()) is not None:
                 transition_message(
                     session,
                     message,
@@ -591,7 +575,8 @@ def _plan(ctx: RunContext) -> dict[str, int]:
                 counts["suppressed"] += 1
             else:
                 counts["planned"] += 1
-                counts["spilled_to_later_days"] += assignment.day > today
+                assert message.send_day is not None  # the planner gave it a day
+                counts["spilled_to_later_days"] += message.send_day > today
         # Approved verify-before-resend cases go out as new attempts with this run.
         counts["resends_planned"] = cases.plan_approved_resends(
             session,
