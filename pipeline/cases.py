@@ -9,7 +9,7 @@ when on the case, and writes an audit event with ids only. Nothing here sends an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -23,6 +23,7 @@ from pipeline.ledger.models import Incident, Message, ResendCase, Suppression
 from pipeline.ledger.states import CaseState, transition_case
 from pipeline.plan import NewMessage, add_planned_messages
 from pipeline.policy import DEFAULT_PROVIDER, SendingPolicy
+from pipeline.shaping import recipient_domain
 
 CHANNELS = ("phone", "secure_sms", "portal", "mail")
 # HIPAA breach assessment window for a suspected misdelivery.
@@ -150,30 +151,39 @@ def plan_approved_resends(
     run_id: str,
     policy: SendingPolicy,
     *,
-    provider_of: Callable[[str], str] | None = None,
+    providers_of: Callable[[list[str]], Mapping[str, str]] | None = None,
     actor: str = "plan",
 ) -> int:
     """Plan one new attempt per approved, verified case, honouring suppression.
 
-    `provider_of` rolls the verified address up to its mailbox provider, as the send engine's
-    planner does for first attempts, so the resend goes out on that provider's shaped lane."""
+    `providers_of` rolls the verified addresses' domains up to their mailbox providers (domain
+    -> provider), as the send engine's planner does for first attempts, so each resend goes
+    out on its provider's shaped lane."""
     approved = session.scalars(
         select(ResendCase)
         .where(ResendCase.state == CaseState.VERIFIED, ResendCase.approved_by.is_not(None))
         .order_by(ResendCase.case_id)
     ).all()
-    wanted: dict[str, NewAttempt] = {}
+    sendable: list[tuple[ResendCase, str]] = []
     for case in approved:
         assert case.verified_address is not None
         if session.get(Suppression, case.verified_address.lower()) is not None:
             # Suppressed since approval (a complaint, another bounce): never sent; print.
             route_to_print(session, case.case_id, actor=actor, reason="address suppressed")
             continue
-        provider = provider_of(case.verified_address) if provider_of else DEFAULT_PROVIDER
-        wanted[case.case_id] = NewAttempt(
-            case.statement_id, case.verified_address, case.case_id, provider
+        sendable.append((case, case.verified_address))
+    # One roll-up for all of them (in direct mode: one round of MX lookups).
+    providers = providers_of([address for _, address in sendable]) if providers_of else {}
+    wanted = [
+        NewAttempt(
+            case.statement_id,
+            address,
+            case.case_id,
+            providers.get(recipient_domain(address), DEFAULT_PROVIDER),
         )
-    for message in plan_attempts(session, list(wanted.values()), run_id, policy):
+        for case, address in sendable
+    ]
+    for message in plan_attempts(session, wanted, run_id, policy):
         assert message.case_id is not None
         case = get_case(session, message.case_id)
         attempt = message.attempt

@@ -34,6 +34,7 @@ from pipeline.ledger.models import (
 )
 from pipeline.ledger.states import CaseState, MessageState, transition_case, transition_message
 from pipeline.policy import DEFAULT_PROVIDER, SendingPolicy
+from pipeline.shaping import recipient_domain
 
 ACTOR = "reconcile"
 POLICY_FILE = Path(__file__).resolve().parent.parent / "config" / "reconcile_policy.toml"
@@ -76,10 +77,6 @@ def load_policy(path: Path = POLICY_FILE) -> Policy:
 
 def case_id_for(message_id: str) -> str:
     return "c" + hashlib.sha256(message_id.encode()).hexdigest()[:24]
-
-
-def provider_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 def reconcile_bounce(session: Session, bounce: Bounce, policy: Policy) -> bool:
@@ -220,7 +217,7 @@ def _raise_alert(
     session: Session, kind: str, message: Message, *, count: int, rate: float | None
 ) -> DeliverabilityAlert:
     """One open alert per kind, IP and provider; a new occurrence updates its count."""
-    provider = provider_of(message.recipient)
+    provider = recipient_domain(message.recipient)
     alert = session.scalar(
         select(DeliverabilityAlert).where(
             DeliverabilityAlert.kind == kind,
@@ -266,7 +263,9 @@ def monitor_bounce_rates(session: Session, run_id: str, policy: Policy) -> dict[
     )
     groups: dict[tuple[str, str], list[Message]] = {}
     for message in messages:
-        groups.setdefault((message.source_ip, provider_of(message.recipient)), []).append(message)
+        groups.setdefault((message.source_ip, recipient_domain(message.recipient)), []).append(
+            message
+        )
     counts = {"warn": 0, "pause": 0}
     for batch in groups.values():
         if len(batch) < policy.rate_min_sent:
@@ -314,7 +313,7 @@ def acknowledge_alert(
     ).all()
     requeue: list[cases.NewAttempt] = []
     for old in blocked:
-        if provider_of(old.recipient) != alert.provider:
+        if recipient_domain(old.recipient) != alert.provider:
             continue
         if session.get(Suppression, old.recipient.lower()) is not None:
             continue

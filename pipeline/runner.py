@@ -75,7 +75,7 @@ from pipeline.send import (
     send_all,
     tls_context,
 )
-from pipeline.shaping import provider_for
+from pipeline.shaping import provider_for, recipient_domain
 from pipeline.signing import DkimSigner
 from pipeline.statements import Statement as StatementDoc
 from pipeline.statements import build_statements
@@ -559,7 +559,7 @@ def _plan(ctx: RunContext) -> dict[str, int]:
             to_plan[statement.statement_id] = statement
         providers = _providers(policy, [s.email or "" for s in to_plan.values()])
         wanted = [
-            NewMessage(s.statement_id, s.statement_id, 1, email, providers[_domain(email)])
+            NewMessage(s.statement_id, s.statement_id, 1, email, providers[recipient_domain(email)])
             for s in to_plan.values()
             if (email := s.email) is not None
         ]
@@ -582,18 +582,14 @@ def _plan(ctx: RunContext) -> dict[str, int]:
             session,
             ctx.run_id,
             policy,
-            provider_of=lambda address: _providers(policy, [address])[_domain(address)],
+            providers_of=lambda addresses: _providers(policy, addresses),
         )
     return counts
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
 def _providers(policy: SendingPolicy, addresses: list[str]) -> dict[str, str]:
     """Each recipient domain's provider; in direct mode rolled up from its MX hosts."""
-    domains = sorted({_domain(a) for a in addresses})
+    domains = sorted({recipient_domain(a) for a in addresses})
     if policy.mode == "relay":
         return {d: provider_for(policy, d) for d in domains}
     router = MxRouter()
@@ -629,9 +625,9 @@ def _send(ctx: RunContext) -> dict[str, int]:
         paused = reconcile.paused_routes(session)
         rows = [
             row for row in rows
-            if (row.Message.source_ip, reconcile.provider_of(row.Message.recipient)) not in paused
+            if (row.Message.source_ip, recipient_domain(row.Message.recipient)) not in paused
         ]  # fmt: skip
-        keyring = load_keyring(settings.data_dir)
+        keyring = ctx.keyring
         parts = {message.message_id: _email_parts(ctx, statement) for message, statement in rows}
         pending = [message for message, _ in rows]
         outgoing = [_outgoing(ctx, m) for m in pending]

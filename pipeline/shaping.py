@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pipeline.policy import BackoffRule, Provider, SendingPolicy
+from pipeline.policy import DEFAULT_PROVIDER, BackoffRule, Provider, SendingPolicy
 
 Clock = Callable[[], float]
 
@@ -30,6 +30,10 @@ def retry_hint_seconds(reply: str) -> float | None:
     return int(match[1]) * _UNIT_SECONDS[match[2][0].lower()] if match else None
 
 
+def recipient_domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
 def provider_for(policy: SendingPolicy, domain: str, mx_hosts: Sequence[str] = ()) -> str:
     """Roll a recipient domain (and, in direct mode, its MX hosts) up to a provider name."""
     domain = domain.lower()
@@ -41,7 +45,7 @@ def provider_for(policy: SendingPolicy, domain: str, mx_hosts: Sequence[str] = (
         for provider in policy.providers.values():
             if any(host.endswith(suffix) for suffix in provider.mx_suffixes):
                 return provider.name
-    return "default"
+    return DEFAULT_PROVIDER
 
 
 class TokenBucket:
