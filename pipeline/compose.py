@@ -24,9 +24,6 @@ from html import escape
 from pipeline.errors import ConfigError
 from pipeline.render_templates import DEFAULT_LANGUAGE, TEMPLATES_DIR, check_language, read_toml
 
-# What the email body may say about the member.
-BODY_PHI_LEVELS = ("none", "first_name")
-
 # One pair of MIME boundaries per process (see the module docstring for why they are safe).
 _BOUNDARY = "=_eob_" + secrets.token_hex(12)
 _MIXED, _ALTERNATIVE = f"{_BOUNDARY}_mixed", f"{_BOUNDARY}_alt"

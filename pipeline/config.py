@@ -15,6 +15,11 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
+# What the email body may say about the member (email_body_phi).
+BODY_PHI_LEVELS = ("none", "first_name")
+# Member-knowable PDF password rules (pdf_password; empty: no password), see pipeline.protect.
+PDF_PASSWORD_RULES = ("date_of_birth", "postal_code_and_birth_year")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -129,12 +134,10 @@ def _build(values: dict[str, Any]) -> Settings:
         raise ConfigError("setting smtp_port: must be 1..65535")
     if settings.render_workers < 0:
         raise ConfigError("setting render_workers: must be >= 0")
-    if settings.email_body_phi not in ("none", "first_name"):
-        raise ConfigError("setting email_body_phi: one of none, first_name")
-    if settings.pdf_password not in ("", "date_of_birth", "postal_code_and_birth_year"):
-        raise ConfigError(
-            "setting pdf_password: empty, date_of_birth or postal_code_and_birth_year"
-        )
+    if settings.email_body_phi not in BODY_PHI_LEVELS:
+        raise ConfigError(f"setting email_body_phi: one of {', '.join(BODY_PHI_LEVELS)}")
+    if settings.pdf_password and settings.pdf_password not in PDF_PASSWORD_RULES:
+        raise ConfigError(f"setting pdf_password: empty, {' or '.join(PDF_PASSWORD_RULES)}")
     return settings
 
 

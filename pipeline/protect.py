@@ -14,8 +14,6 @@ from pypdf import PdfReader, PdfWriter
 
 from pipeline.statements import Member
 
-PASSWORD_RULES = ("date_of_birth", "postal_code_and_birth_year")
-
 
 def pdf_password(member: Member, rule: str) -> str | None:
     """The member's password under the rule; None when the member lacks the data it needs
