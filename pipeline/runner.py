@@ -386,13 +386,12 @@ def _merge_roster(path: Path, current: pa.Table | None, newer: pa.Table, keyring
 def _statements(ctx: RunContext) -> dict[str, int]:
     counts = {"email": 0, "print": 0}
     with ctx.sessions.begin() as session:
-        consents = _consents(ctx, session)
         for record, doc in _run_statements(ctx, session):
             if session.get(Statement, doc.statement_id) is not None:
                 continue
             email = doc.member.email
             suppressed = email is not None and session.get(Suppression, email.lower()) is not None
-            consented = consents.get(doc.member.member_id) is not False
+            consented = doc.member.edelivery_consent is not False
             channel = "email" if email and consented and not suppressed else "print"
             session.add(
                 Statement(
@@ -881,21 +880,6 @@ def _run_files(
     if kind is not None:
         query = query.where(InputFile.kind == kind)
     return list(session.scalars(query.order_by(InputFile.file_id)))
-
-
-def _consents(ctx: RunContext, session: Session) -> dict[str, bool | None]:
-    """Member -> e-delivery consent from the roster join (None: no roster row for the member)."""
-    consents: dict[str, bool | None] = {}
-    for record in _run_files(session, ctx.run_id, "validated", kind="claims"):
-        table = atrest_parquet.read_table(
-            ctx.file_dir(record.file_id) / "accepted.parquet",
-            ctx.keyring,
-            columns=["member_id", "edelivery_consent"],
-        )
-        consents.update(
-            zip(table["member_id"].to_pylist(), table["edelivery_consent"].to_pylist(), strict=True)
-        )
-    return consents
 
 
 def _run_statements(ctx: RunContext, session: Session) -> Iterator[tuple[InputFile, StatementDoc]]:

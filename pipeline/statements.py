@@ -48,6 +48,9 @@ class Member:
     # Preferred language (ISO 639-1); the render stage falls back to English when it has no
     # wording in that language.
     language: str = "en"
+    # E-delivery consent from the roster join; None when the roster has no row for the member.
+    # Only an explicit False routes the statement to print.
+    edelivery_consent: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ _ACCUMULATOR_COLUMNS = (
 _OPTIONAL = [
     "date_of_birth",
     "language",
+    "edelivery_consent",
     "claim_status",
     "adjustment_codes",
     *_OPTIONAL_AMOUNTS,
@@ -207,6 +211,7 @@ def _statement(rows: list[dict[str, object]], file_sha256: str) -> Statement:
         **{name: first[name] for name in _MEMBER_FIELDS},  # type: ignore[arg-type]
         date_of_birth=first.get("date_of_birth"),  # type: ignore[arg-type]
         language=str(first.get("language") or "en").strip().lower()[:2] or "en",
+        edelivery_consent=first.get("edelivery_consent"),  # type: ignore[arg-type]
     )
     lines = tuple(_line(row) for row in rows)
     return Statement(
