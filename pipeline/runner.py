@@ -320,14 +320,18 @@ def _validate(ctx: RunContext) -> dict[str, int]:
             _run_files(session, ctx.run_id, "registered"),
             key=lambda f: (f.kind != "roster", f.file_id),
         )
+        # Each insurer's merged roster, decrypted once per stage and kept current by the merges.
+        rosters: dict[str, pa.Table | None] = {}
         for record in pending:
             out = ctx.file_dir(record.file_id)
             roster_path = ctx.settings.rosters_dir / f"{record.insurer}.parquet"
-            roster = (
-                atrest_parquet.read_table(roster_path, ctx.keyring)
-                if roster_path.exists()
-                else None
-            )
+            if record.insurer not in rosters:
+                rosters[record.insurer] = (
+                    atrest_parquet.read_table(roster_path, ctx.keyring)
+                    if roster_path.exists()
+                    else None
+                )
+            roster = rosters[record.insurer]
             verdict = validate_file(
                 kind=record.kind,
                 file_name=record.file_name,
@@ -356,7 +360,7 @@ def _validate(ctx: RunContext) -> dict[str, int]:
             record.status = "validated"
             if record.kind == "roster":
                 accepted = atrest_parquet.read_table(out / "accepted.parquet", ctx.keyring)
-                _merge_roster(roster_path, roster, accepted, ctx.keyring)
+                rosters[record.insurer] = _merge_roster(roster_path, roster, accepted, ctx.keyring)
             audit(
                 session,
                 "file_validated",
@@ -371,8 +375,11 @@ def _validate(ctx: RunContext) -> dict[str, int]:
     return counts
 
 
-def _merge_roster(path: Path, current: pa.Table | None, newer: pa.Table, keyring: Keyring) -> None:
-    """The insurer's roster: one row per member, the newest file's row winning."""
+def _merge_roster(
+    path: Path, current: pa.Table | None, newer: pa.Table, keyring: Keyring
+) -> pa.Table:
+    """The insurer's roster: one row per member, the newest file's row winning; written to
+    `path` and returned."""
     newer = newer.drop_columns([ROW])
     if current is not None:
         older = current.filter(pc.invert(pc.is_in(current["member_id"], newer["member_id"])))
@@ -381,6 +388,7 @@ def _merge_roster(path: Path, current: pa.Table | None, newer: pa.Table, keyring
     tmp = path.with_name(f".{path.name}.tmp")
     atrest_parquet.write_table(newer, tmp, keyring)
     tmp.replace(path)
+    return newer
 
 
 def _statements(ctx: RunContext) -> dict[str, int]:
