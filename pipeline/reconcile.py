@@ -256,9 +256,12 @@ def monitor_bounce_rates(session: Session, run_id: str, policy: Policy) -> dict[
     messages = session.scalars(
         select(Message).where(Message.run_id == run_id, Message.state.in_(sent_states))
     ).all()
+    # Only this run's failures: the ledger's whole bounce history is not needed to count them.
     failed_ids = set(
         session.scalars(
-            select(Bounce.message_id).where(Bounce.bounce_class.in_([str(c) for c in FAILURES]))
+            select(Bounce.message_id)
+            .join(Message, Message.message_id == Bounce.message_id)
+            .where(Message.run_id == run_id, Bounce.bounce_class.in_([str(c) for c in FAILURES]))
         )
     )
     groups: dict[tuple[str, str], list[Message]] = {}
