@@ -443,8 +443,7 @@ def _ses_original_message_id(notice: dict[str, Any]) -> str | None:
     for header in headers if isinstance(headers, list) and not value else []:
         if isinstance(header, dict) and str(header.get("name", "")).lower() == "message-id":
             value = header.get("value")
-    found = re.search(r"<([^>\s]+)>", str(value or ""))
-    return found.group(1) if found else None
+    return _bracketed(value)
 
 
 def _ses_section(notice: dict[str, Any], name: str) -> dict[str, Any]:
@@ -531,18 +530,27 @@ _LISTED_ADDRESS = re.compile(rf"(?:^|rcpt to:)\s*<?({_ADDRESS})>?", re.IGNORECAS
 _BRACKETED_ADDRESS = re.compile(rf"<({_ADDRESS})>")
 
 
+def _returned_headers(message: Message) -> Message | None:
+    """The returned original's headers when the report attaches them: the whole message
+    (message/rfc822) or its headers only (text/rfc822-headers, as with DSN RET=HDRS)."""
+    original = _part(message, "message/rfc822") or _part(message, "text/rfc822-headers")
+    inner = original.get_payload() if original is not None else None
+    if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+        return inner[0]
+    if isinstance(inner, str):
+        return message_from_bytes(inner.encode("utf-8", "replace"))
+    return None
+
+
+def _bracketed(value: object) -> str | None:
+    """What a header value holds between angle brackets: a Message-ID's "id@host"."""
+    found = re.search(r"<([^>\s]+)>", str(value or ""))
+    return found.group(1) if found else None
+
+
 def _original_recipients(message: Message) -> list[str]:
     """Whom the returned original was addressed to: attached, or quoted after the report."""
-    original = _part(message, "message/rfc822") or _part(message, "text/rfc822-headers")
-    headers: Message | None = None
-    if original is not None:
-        inner = original.get_payload()
-        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-            headers = inner[0]
-        elif isinstance(inner, str):
-            headers = message_from_bytes(inner.encode("utf-8", "replace"))
-    else:
-        headers = _quoted_message(message)
+    headers = _returned_headers(message) or _quoted_message(message)
     if headers is None:
         return []
     fields = [str(v) for name in ("To", "Cc") for v in headers.get_all(name) or []]
@@ -571,20 +579,15 @@ _MESSAGE_ID = re.compile(r"^Message-ID:\s*<([^>\s]+)>", re.IGNORECASE | re.MULTI
 
 def _original_message_id(message: Message) -> str | None:
     """The Message-ID of the returned original (attached or quoted), not the report's own."""
-    for part in message.walk():
-        if part.get_content_type() in {"message/rfc822", "message/rfc822-headers"}:
-            inner = part.get_payload()
-            if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-                value = inner[0].get("Message-ID")
-                if value and (found := re.search(r"<([^>\s]+)>", str(value))):
-                    return found.group(1)
+    headers = _returned_headers(message)
+    if headers is not None and (attached := _bracketed(headers.get("Message-ID"))):
+        return attached
     own = str(message.get("Message-ID") or "")
     for found in _MESSAGE_ID.finditer(_body_text(message)):
         if found.group(1) not in own:
             return found.group(1)
     # A person's reply names what it answers.
-    replied = re.search(r"<([^>\s]+)>", str(message.get("In-Reply-To") or ""))
-    return replied.group(1) if replied else None
+    return _bracketed(message.get("In-Reply-To"))
 
 
 def _part(message: Message, content_type: str) -> Message | None:
@@ -674,10 +677,8 @@ def _feedback_recipients(feedback: Message, message: Message) -> list[str | None
     block = fields[0] if isinstance(fields, list) and isinstance(fields[0], Message) else feedback
     found = [_address(str(v)) for v in block.get_all("Original-Rcpt-To") or []]
     if not found:
-        original = _part(message, "message/rfc822") or _part(message, "text/rfc822-headers")
-        inner = original.get_payload() if original is not None else None
-        headers = inner[0] if isinstance(inner, list) and inner else None
-        if isinstance(headers, Message) and headers.get("To"):
+        headers = _returned_headers(message)
+        if headers is not None and headers.get("To"):
             found = [_bare(str(headers.get("To")))]
     return found or [None]
 

@@ -667,3 +667,26 @@ def test_a_list_managers_notice_names_the_list_and_gives_the_reason_in_its_subje
         "members@lists.example.org",
         BounceClass.SOFT_BOUNCE,
     )
+
+
+def test_a_dsn_returning_headers_only_matches_by_their_message_id():
+    # RET=HDRS: the original comes back as text/rfc822-headers, a string part, not a message.
+    raw = (
+        b"From: MAILER-DAEMON@mx.example.net\r\nTo: statements@eob.example.com\r\n"
+        b"Subject: Undelivered Mail\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mx.example.net\r\n\r\n"
+        b"Final-Recipient: rfc822; gone@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n"
+        b"--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        b"From: statements@eob.example.com\r\nTo: gone@example.org\r\n"
+        b"Message-ID: <m0123abc@eob.example.com>\r\nSubject: Your statement\r\n"
+        b"--b--\r\n"
+    )
+    [report] = parse_report(raw, return_path_domain=DOMAIN)
+    assert (report.recipient, report.original_message_id) == (
+        "gone@example.org",
+        "m0123abc@eob.example.com",
+    )
