@@ -18,8 +18,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.errors import LedgerError
-from pipeline.ledger import audit
-from pipeline.ledger.models import Incident, Message, ResendCase, Suppression
+from pipeline.ledger import audit, is_suppressed
+from pipeline.ledger.models import Incident, Message, ResendCase
 from pipeline.ledger.states import CaseState, transition_case
 from pipeline.plan import NewMessage, add_planned_messages
 from pipeline.policy import DEFAULT_PROVIDER, SendingPolicy
@@ -93,7 +93,7 @@ def approve(
         raise CaseActionRefused(f"case {case_id}: only a verified case can be approved")
     if policy.require_different_approver and actor == case.verified_by:
         raise CaseActionRefused(f"case {case_id}: the approver must not be the verifier")
-    if session.get(Suppression, case.verified_address.lower()) is not None:
+    if is_suppressed(session, case.verified_address):
         raise CaseActionRefused(
             f"case {case_id}: the verified address is suppressed; verify another or print"
         )
@@ -167,7 +167,7 @@ def plan_approved_resends(
     sendable: list[tuple[ResendCase, str]] = []
     for case in approved:
         assert case.verified_address is not None
-        if session.get(Suppression, case.verified_address.lower()) is not None:
+        if is_suppressed(session, case.verified_address):
             # Suppressed since approval (a complaint, another bounce): never sent; print.
             route_to_print(session, case.case_id, actor=actor, reason="address suppressed")
             continue

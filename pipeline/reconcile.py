@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from pipeline import cases
 from pipeline.bounces import BounceClass
 from pipeline.errors import ConfigError
-from pipeline.ledger import audit
+from pipeline.ledger import audit, is_suppressed
 from pipeline.ledger.models import (
     Bounce,
     DeliverabilityAlert,
@@ -166,7 +166,7 @@ def _misdelivered(session: Session, message: Message, bounce: Bounce, why: str) 
 
 def _suppress(session: Session, address: str, bounce: Bounce) -> None:
     key = address.lower()
-    if session.get(Suppression, key) is None:
+    if not is_suppressed(session, key):
         session.add(
             Suppression(
                 address=key,
@@ -318,7 +318,7 @@ def acknowledge_alert(
     for old in blocked:
         if recipient_domain(old.recipient) != alert.provider:
             continue
-        if session.get(Suppression, old.recipient.lower()) is not None:
+        if is_suppressed(session, old.recipient):
             continue
         latest = session.scalar(
             select(func.max(Message.attempt)).where(Message.statement_id == old.statement_id)

@@ -39,7 +39,7 @@ from pipeline.contracts import load_contract
 from pipeline.drop import DroppedFile, archive, archive_context, archived_drops, complete_files
 from pipeline.errors import FileRejected
 from pipeline.ingest import ROW, detect_format, ingest_file
-from pipeline.ledger import audit, open_ledger
+from pipeline.ledger import audit, is_suppressed, open_ledger
 from pipeline.ledger.models import (
     Bounce,
     InputFile,
@@ -48,7 +48,6 @@ from pipeline.ledger.models import (
     Run,
     Statement,
     StateTransition,
-    Suppression,
 )
 from pipeline.ledger.states import (
     MessageMove,
@@ -398,7 +397,7 @@ def _statements(ctx: RunContext) -> dict[str, int]:
             if session.get(Statement, doc.statement_id) is not None:
                 continue
             email = doc.member.email
-            suppressed = email is not None and session.get(Suppression, email.lower()) is not None
+            suppressed = email is not None and is_suppressed(session, email)
             consented = doc.member.edelivery_consent is not False
             channel = "email" if email and consented and not suppressed else "print"
             session.add(
@@ -571,7 +570,7 @@ def _plan(ctx: RunContext) -> dict[str, int]:
             if (email := s.email) is not None
         ]
         for message in add_planned_messages(session, wanted, ctx.run_id, policy, today):
-            if session.get(Suppression, message.recipient.lower()) is not None:
+            if is_suppressed(session, message.recipient):
                 transition_message(
                     session,
                     message,

@@ -14,7 +14,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.ledger.models import AuditEvent
+from pipeline.ledger.models import AuditEvent, Suppression
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -66,3 +66,8 @@ def audit(
             detail=detail,
         )
     )
+
+
+def is_suppressed(session: Session, address: str) -> bool:
+    """Whether email to `address` is suppressed (the list is keyed by lower-cased address)."""
+    return session.get(Suppression, address.lower()) is not None
