@@ -145,12 +145,10 @@ def type_batch(
         cast = _cast(value, field)
         failed = pc.and_(pc.is_valid(value), pc.is_null(cast))
         if pc.any(failed).as_py():
-            for n in pc.filter(text.column(ROW), failed).to_pylist():
-                reasons.append(
-                    quarantine_reason(
-                        file_name, n, field.name, f"type_{field.type}", _TYPE_MESSAGES[field.type]
-                    )
-                )
+            reasons += quarantine_rows(
+                text, failed, file_name, field.name, f"type_{field.type}",
+                _TYPE_MESSAGES[field.type],
+            )  # fmt: skip
             ok = pc.and_(ok, pc.invert(failed))
         typed.append(cast)
     batch = pa.RecordBatch.from_arrays(
@@ -175,6 +173,16 @@ def quarantine_reason(
         "rule": rule,
         "message": message,
     }
+
+
+def quarantine_rows(
+    batch: pa.RecordBatch, mask: pa.Array, file_name: str, field: str, rule: str, message: str
+) -> list[dict[str, object]]:
+    """A quarantine reason for each row of `batch` (numbered in its ROW column) `mask` selects."""
+    return [
+        quarantine_reason(file_name, n, field, rule, message)
+        for n in pc.filter(batch.column(ROW), mask).to_pylist()
+    ]
 
 
 def _reasons_table(reasons: list[dict[str, object]]) -> pa.Table:

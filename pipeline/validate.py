@@ -29,7 +29,7 @@ from pipeline.atrest import Keyring
 from pipeline.atrest_parquet import open_reader, open_writer, read_table, write_table
 from pipeline.contracts import SCHEMAS_DIR, Contract, load_contract
 from pipeline.errors import AccountingError
-from pipeline.ingest import ROW, quarantine_reason, quarantine_schema
+from pipeline.ingest import ROW, quarantine_reason, quarantine_rows, quarantine_schema
 from pipeline.rules import RowRule, claim_line_rules, roster_rules
 
 # GX phones home unless told not to; this pipeline makes no network traffic.
@@ -267,8 +267,7 @@ def _rule_failures(
     reasons = []
     for rule in rules:
         failing = rule.failing(batch, run_date)
-        for n in pc.filter(batch.column(ROW), failing).to_pylist():
-            reasons.append(quarantine_reason(file_name, n, rule.field, rule.rule, rule.message))
+        reasons += quarantine_rows(batch, failing, file_name, rule.field, rule.rule, rule.message)
     return reasons
 
 
@@ -285,8 +284,7 @@ def _contact_failures(batch: pa.RecordBatch, file_name: str) -> list[dict[str, o
         (named, "member_name", "member has no first and last name in the extract or roster"),
         (reachable, "member_contact", "member has neither an email nor a complete postal address"),
     ):
-        for n in pc.filter(batch.column(ROW), pc.invert(mask)).to_pylist():
-            reasons.append(quarantine_reason(file_name, n, "member_id", rule, message))
+        reasons += quarantine_rows(batch, pc.invert(mask), file_name, "member_id", rule, message)
     return reasons
 
 
