@@ -175,7 +175,7 @@ def test_verify_then_approve_by_a_second_user(console, browser, tmp_path: Path):
 
 
 def test_a_viewer_sees_but_cannot_act(console, browser, tmp_path: Path):
-    base, _, case_id = console
+    base, settings, case_id = console
     _, context = browser
     page = context.new_page()
     _login(page, base, "vic")
@@ -188,6 +188,19 @@ def test_a_viewer_sees_but_cannot_act(console, browser, tmp_path: Path):
         form={"csrf": csrf, "channel": "phone", "evidence": "x", "address": "a@example.net"},
     )
     assert refused.status == 403
+    # Acknowledging an alert is refused too, and the refusal is audited like a case action's.
+    refused = page.request.post(f"{base}/alerts/1/ack", form={"csrf": csrf})
+    assert refused.status == 403
+    with open_ledger(settings.ledger_url)() as session:
+        refusals = session.scalars(
+            select(AuditEvent).where(
+                AuditEvent.actor == "vic", AuditEvent.action == "console_refused"
+            )
+        ).all()
+        assert {(e.entity_kind, e.detail) for e in refusals} == {
+            ("case", "action=verify role=viewer"),
+            ("alert", "action=ack role=viewer"),
+        }
     page.goto(f"{base}/bounces")
     assert "hard_bounce" in page.inner_text("#bounces")
     page.screenshot(path=str(_shots(tmp_path) / "04-viewer-bounces.png"), full_page=True)

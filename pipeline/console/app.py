@@ -104,6 +104,22 @@ def create_app(
         if not expected or not secrets.compare_digest(str(expected), csrf):
             raise HTTPException(403, "missing or invalid CSRF token")
 
+    def require_role(user: User, action: str, entity_kind: str, entity_id: str) -> None:
+        """Refuse (403) an action the user's role may not take; the refusal is audited."""
+        if may(user.role, action):
+            return
+        # Its own transaction: the refusal rolls the request's back.
+        with sessions.begin() as separate:
+            audit(
+                separate,
+                "console_refused",
+                entity_kind,
+                entity_id,
+                actor=user.username,
+                detail=f"action={action} role={user.role}",
+            )
+        raise HTTPException(403, f"role {user.role} may not {action}")
+
     def page(
         request: Request, session: Session, user: User | None, name: str, **context: Any
     ) -> HTMLResponse:
@@ -274,18 +290,7 @@ def create_app(
         check_csrf(request, csrf)
         if action not in actions:
             raise HTTPException(404, "no such action")
-        if not may(user.role, action):
-            # Its own transaction: the refusal below rolls the request's back.
-            with sessions.begin() as separate:
-                audit(
-                    separate,
-                    "console_refused",
-                    "case",
-                    case_id,
-                    actor=user.username,
-                    detail=f"action={action} role={user.role}",
-                )
-            raise HTTPException(403, f"role {user.role} may not {action}")
+        require_role(user, action, "case", case_id)
         audit(session, f"console_{action}", "case", case_id, actor=user.username)
         fields = {
             "channel": channel,
@@ -312,8 +317,7 @@ def create_app(
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
         check_csrf(request, csrf)
-        if not may(user.role, "ack"):
-            raise HTTPException(403, f"role {user.role} may not ack")
+        require_role(user, "ack", "alert", str(alert_id))
         latest = session.scalar(select(Run.run_id).order_by(Run.started_at.desc()).limit(1))
         if latest is None:
             raise HTTPException(409, "no run to requeue into")
