@@ -15,7 +15,9 @@ from rich.progress import track as rich_track
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.cases import CHANNELS
 from pipeline.config import Settings, load_settings
+from pipeline.console.auth import Role
 from pipeline.runner import STAGES, finish_run, run_all, run_stage, start_run
 
 T = TypeVar("T")
@@ -235,9 +237,7 @@ def review_list(settings: Settings, state: str) -> None:
 @review.command("verify")
 @click.argument("case_id")
 @click.option("--actor", required=True, help="Who verified.")
-@click.option(
-    "--channel", required=True, type=click.Choice(["phone", "secure_sms", "portal", "mail"])
-)
+@click.option("--channel", required=True, type=click.Choice(CHANNELS))
 @click.option("--evidence", required=True, help="Evidence note (no PHI beyond the task).")
 @click.option("--address", required=True, help="The verified address, same or new.")
 @click.pass_obj
@@ -297,7 +297,7 @@ def review_close(settings: Settings, case_id: str, actor: str, reason: str) -> N
 
 @review.command("add-user")
 @click.argument("username")
-@click.option("--role", required=True, type=click.Choice(["viewer", "operator", "approver"]))
+@click.option("--role", required=True, type=click.Choice([role.value for role in Role]))
 @click.option("--actor", required=True, help="Who adds the user.")
 @click.password_option()
 @click.pass_obj
