@@ -14,6 +14,7 @@ import os
 import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -39,7 +40,7 @@ class Collected:
     ref: str
     raw: bytes
 
-    @property
+    @cached_property  # asked several times per report: the ledger check, the archive, each row
     def sha256(self) -> str:
         return hashlib.sha256(self.raw).hexdigest()
 
