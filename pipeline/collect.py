@@ -13,7 +13,7 @@ import mailbox
 import os
 import ssl
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,7 +94,7 @@ class MboxSource:
             box.close()
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImapSource:
     """Unseen messages of one IMAP folder over TLS; marked \\Seen once processed.
 
@@ -107,6 +107,9 @@ class ImapSource:
     password: str
     folder: str = "INBOX"
     port: int = 993
+    # The session messages() holds open while it yields: reports are marked over it rather
+    # than with a login each.
+    _client: imaplib.IMAP4_SSL | None = field(default=None, init=False, repr=False, compare=False)
 
     def _connect(self) -> imaplib.IMAP4_SSL:
         client = imaplib.IMAP4_SSL(self.host, self.port, ssl_context=ssl.create_default_context())
@@ -115,7 +118,7 @@ class ImapSource:
         return client
 
     def messages(self) -> Iterator[Collected]:
-        client = self._connect()
+        self._client = client = self._connect()
         try:
             _, data = client.uid("SEARCH", "UNSEEN")
             for uid in (data[0] or b"").split():
@@ -125,14 +128,16 @@ class ImapSource:
                 if isinstance(part, tuple):
                     yield Collected(uid.decode(), part[1])
         finally:
+            self._client = None
             client.logout()
 
     def mark_processed(self, ref: str) -> None:
-        client = self._connect()
+        client = self._client or self._connect()
         try:
             client.uid("STORE", ref, "+FLAGS", "(\\Seen)")
         finally:
-            client.logout()
+            if client is not self._client:
+                client.logout()
 
 
 IMAP_PASSWORD_ENV = "EOB_IMAP_PASSWORD"
