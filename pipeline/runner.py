@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import uuid4
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import atrest_parquet, bounces, cases, collect, datasets, reconcile
@@ -673,8 +673,9 @@ def _send(ctx: RunContext) -> dict[str, int]:
 
     def record(events: Sequence[Event]) -> None:
         """One transaction per batch: claims move to `sending`, results to their outcome.
-        Claims and plain acceptances, nearly every event, are written in bulk; the other
-        results (bounces, deferrals, fallbacks, resends) row by row with what they entail."""
+        Claims, plain acceptances and held messages (a suspended lane's whole queue) are
+        written in bulk; the other results (bounces, deferrals, fallbacks, resends) row by
+        row with what they entail."""
         claims = [
             MessageMove(e.message.message_id, claimable[e.message.message_id][0],
                         values={"tries": claimable[e.message.message_id][1] + 1})
@@ -686,11 +687,13 @@ def _send(ctx: RunContext) -> dict[str, int]:
                         {"smtp_code": r.code, "smtp_reply": r.reply})
             for r in results if r.outcome == Outcome.ACCEPTED and r.message_id not in resends
         ]  # fmt: skip
-        outcomes = [Outcome.ACCEPTED.value] * len(accepted)
+        held = [r for r in results if r.outcome == Outcome.HELD]
+        outcomes = [Outcome.ACCEPTED.value] * len(accepted) + [Outcome.HELD.value] * len(held)
         with ctx.sessions.begin() as session:
             transition_messages(session, claims, MessageState.SENDING, actor="send")
             transition_messages(session, accepted, MessageState.ACCEPTED, actor="send")
-            bulk = {move.message_id for move in accepted}
+            _hold(session, held)
+            bulk = {move.message_id for move in accepted} | {r.message_id for r in held}
             for result in results:
                 if result.message_id not in bulk:
                     message = session.get_one(Message, result.message_id)
@@ -710,15 +713,26 @@ def _send(ctx: RunContext) -> dict[str, int]:
     return counts
 
 
+def _hold(session: Session, held: Sequence[SendResult]) -> None:
+    """Messages a suspended lane never attempted: no transition, only not before the
+    suspension ends (one executemany UPDATE)."""
+    if not held:
+        return
+    now = datetime.now(UTC)
+    table = cast(Table, Message.__table__)
+    session.execute(
+        update(table)
+        .where(table.c.message_id == bindparam("m_id"))
+        .values(next_attempt_at=bindparam("m_at")),
+        [{"m_id": r.message_id, "m_at": now + timedelta(seconds=r.retry_after or 0)} for r in held],
+    )
+
+
 def _record_result(
     session: Session, message: Message, result: SendResult, policy: SendingPolicy
 ) -> bool:
     """Record one SMTP outcome; True when a deferral outlived the retry policy and expired."""
     now = datetime.now(UTC)
-    if result.outcome == Outcome.HELD:
-        # Never attempted: no transition, only not before the suspension ends.
-        message.next_attempt_at = now + timedelta(seconds=result.retry_after or 0)
-        return False
     message.smtp_code, message.smtp_reply = result.code, result.reply
     reason = f"SMTP {result.code or 'no reply'}"
     transition_message(session, message, MessageState(result.outcome), actor="send", reason=reason)

@@ -78,3 +78,26 @@ def test_without_tls_the_member_gets_the_portal_notice_or_print(
         # No PHI: no attachment, no address or statement id anywhere in the content.
         assert b"application/pdf" not in arrival.content
         assert b"@example.org" not in arrival.content and b"s0000" not in arrival.content
+
+
+def test_a_suspended_lane_leaves_its_queue_planned_until_the_suspension_ends(tmp_path):
+    receiver = Receiver(Script(rcpt_replies={"member0@example.org": "421 4.7.28 blocked"}))
+    suspend = (
+        '\n[[backoff]]\nname = "blocked"\npattern = "blocked"\nthreshold_per_hour = 1\n'
+        'action = "suspend"\nduration_minutes = 240\n'
+    )
+    with smtp_server(receiver, tmp_path / "certs") as port:
+        settings = settings_for(tmp_path, port)
+        Path(settings.sending_policy_file).write_text(policy_toml(IPS[:1], 1) + suspend)
+        run_id = seed_run(settings, 4)
+        counts = run_stage(settings, run_id, "send")
+    # The lane goes in message-id order: what it sent before the block went out, the rest waits.
+    assert counts["deferred"] == 1 and counts["held"] >= 1
+    assert counts["accepted"] + counts["held"] == 3 == len(receiver.arrivals) + counts["held"]
+    with open_ledger(settings.ledger_url)() as session:
+        held = session.scalars(select(Message).where(Message.state == MessageState.PLANNED)).all()
+        assert len(held) == counts["held"] and all(m.tries == 0 for m in held)
+        for message in held:  # not before the suspension ends; never attempted, no transition
+            assert message.next_attempt_at is not None
+            wait = message.next_attempt_at.replace(tzinfo=UTC) - datetime.now(UTC)
+            assert timedelta(minutes=239) < wait <= timedelta(minutes=240)
