@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,18 @@ def check_language(language: str) -> None:
         raise ConfigError(f"wording language {language!r}: not a language code")
 
 
+@cache
+def _document_languages() -> frozenset[str]:
+    """The languages the document has wording in: templates/eob_document.<language>.toml.
+    Read once: it is asked for every statement, at the statements and render stages."""
+    names = (
+        p.name.removeprefix("eob_document.").removesuffix(".toml")
+        for p in TEMPLATES_DIR.glob("eob_document.*.toml")
+    )
+    return frozenset(name for name in names if _LANGUAGE.fullmatch(name))
+
+
 def document_language(preference: str | None) -> str:
     """The member's preferred language if the document has wording in it, else English."""
     tag = (preference or "").strip().lower()
-    if _LANGUAGE.fullmatch(tag) and (TEMPLATES_DIR / f"eob_document.{tag}.toml").exists():
-        return tag
-    return DEFAULT_LANGUAGE
+    return tag if tag in _document_languages() else DEFAULT_LANGUAGE
