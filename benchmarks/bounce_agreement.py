@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.bounces import BounceClass, BounceReport, Finality, parse_report
+from pipeline.returns.bounces import BounceClass, BounceReport, Finality, parse_report
 
 REPO = Path(__file__).resolve().parent.parent
 # shared/ sits beside the clone (CI), or beside the folder of worktrees (development).

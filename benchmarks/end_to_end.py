@@ -18,12 +18,12 @@ from pathlib import Path
 import aiosmtplib
 
 from pipeline.config import Settings
-from pipeline.demo import free_port
-from pipeline.policy import policy_for
+from pipeline.delivery.policy import policy_for
+from pipeline.delivery.send import tls_context
+from pipeline.ops.demo import free_port
+from pipeline.ops.sink import start_sink
+from pipeline.ops.synthetic import generate_extract
 from pipeline.runner import STAGES, run_stage, start_run
-from pipeline.send import tls_context
-from pipeline.sink import start_sink
-from pipeline.synthetic import generate_extract
 
 
 async def bare_send(settings: Settings, messages: list[bytes]) -> None:

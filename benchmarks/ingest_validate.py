@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pyarrow.csv as pacsv
 
-from pipeline.atrest import encrypt_file, new_key_line, parse_keys
-from pipeline.contracts import load_contract
-from pipeline.ingest import ingest_file
-from pipeline.validate import load_suite, validate_file
+from pipeline.intake.ingest import ingest_file
+from pipeline.intake.validate import load_suite, validate_file
+from pipeline.records.atrest import encrypt_file, new_key_line, parse_keys
+from pipeline.records.contracts import load_contract
 
 
 def main() -> None:
@@ -33,12 +33,12 @@ def main() -> None:
         extract = Path(tmp) / "extract.csv"
         subprocess.run(
             [sys.executable, "-c", "import sys; from pathlib import Path; "
-             "from pipeline.synthetic import generate_extract; "
+             "from pipeline.ops.synthetic import generate_extract; "
              "generate_extract(Path(sys.argv[1]), int(sys.argv[2]))", str(extract), str(lines)],
             check=True,
         )  # fmt: skip
         load_suite("claim_line")  # the GX context is built once per process, outside the timing
-        # The intermediates are encrypted at rest as in the runner (pipeline.atrest_parquet).
+        # The intermediates are encrypted at rest as in the runner (atrest_parquet).
         keyring = parse_keys(new_key_line("bench"), source="benchmark")
 
         started = time.perf_counter()

@@ -29,10 +29,10 @@ from pathlib import Path
 from reportlab.lib.pagesizes import LETTER
 from reportlab.pdfgen.canvas import Canvas
 
-from pipeline.atrest import load_keyring
-from pipeline.codes import load_code_book
-from pipeline.render import BRANDING, format_money, render_all, wording_for
-from pipeline.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.documents.codes import load_code_book
+from pipeline.documents.render import BRANDING, format_money, render_all, wording_for
+from pipeline.documents.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.records.atrest import load_keyring
 
 PROVIDERS = ["Valley Medical Group", "Sunrise Physical Therapy", "Valley Imaging Center",
              "Northside Family Practice and Urgent Care", "Clínica Núñez & Hijos"]  # fmt: skip

@@ -31,14 +31,14 @@ from reportlab.lib.pagesizes import letter
 from reportlab.pdfgen import canvas
 from sqlalchemy import insert, select
 
-from pipeline.atrest import load_keyring, write_encrypted
 from pipeline.config import Settings
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import InputFile, Message, Run, Statement, StateTransition
-from pipeline.ledger.states import MessageState
-from pipeline.plan import message_token
+from pipeline.delivery.plan import message_token
+from pipeline.ops.sink import ensure_certificates
+from pipeline.records.atrest import load_keyring, write_encrypted
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import InputFile, Message, Run, Statement, StateTransition
+from pipeline.records.ledger.states import MessageState
 from pipeline.runner import run_stage
-from pipeline.sink import ensure_certificates
 
 REPO = Path(__file__).resolve().parent.parent
 # The test servers' policy builder serves the benchmark too: one definition of a warmed policy.

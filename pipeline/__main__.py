@@ -1,5 +1,5 @@
 """`python -m pipeline` is `eob`."""
 
-from pipeline.cli import main
+from pipeline.ops.cli import main
 
 main()

@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 
 # What the email body may say about the member (email_body_phi).
 BODY_PHI_LEVELS = ("none", "first_name")
-# Member-knowable PDF password rules (pdf_password; empty: no password), see pipeline.protect.
+# Member-knowable PDF password rules (pdf_password; empty: no password), see documents.protect.
 PDF_PASSWORD_RULES = ("date_of_birth", "postal_code_and_birth_year")
 
 

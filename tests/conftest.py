@@ -13,10 +13,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pipeline.atrest import new_key_line, parse_keys
 from pipeline.config import Settings
-from pipeline.demo import free_port, unknown_mailboxes
-from pipeline.sink import start_sink
+from pipeline.ops.demo import free_port, unknown_mailboxes
+from pipeline.ops.sink import start_sink
+from pipeline.records.atrest import new_key_line, parse_keys
 
 REPO = Path(__file__).resolve().parent.parent
 # shared/ sits beside the clone (CI), or beside the folder of worktrees (development).
@@ -45,11 +45,11 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             + name
         )
     finally:
-        from pipeline.runner import _ledger
+        from pipeline.records.run_context import ledger_sessions
 
         # Engines are cached per URL; dispose of this one's pool before dropping its database.
-        if _ledger.cache_info().currsize:
-            _ledger.cache_clear()
+        if ledger_sessions.cache_info().currsize:
+            ledger_sessions.cache_clear()
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
-from pipeline.ledger.models import InputFile, Run
+from pipeline.records.ledger.models import InputFile, Run
 
 
 def seed_run_and_file(session: Session, run_id: str = "r1") -> None:

@@ -20,13 +20,13 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from pipeline.atrest import load_keyring, write_encrypted
 from pipeline.config import Settings
-from pipeline.demo import free_port
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import Statement
+from pipeline.ops.demo import free_port
+from pipeline.ops.sink import ensure_certificates
+from pipeline.records.atrest import load_keyring, write_encrypted
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import Statement
 from pipeline.runner import run_stage
-from pipeline.sink import ensure_certificates
 from tests.conftest import REPO
 from tests.ledger_seed import seed_run_and_file
 

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import atrest
-from pipeline.atrest import (
+from pipeline.errors import ConfigError
+from pipeline.records import atrest
+from pipeline.records.atrest import (
     DecryptionError,
     Keyring,
     add_dev_key,
@@ -26,7 +27,6 @@ from pipeline.atrest import (
     reencrypt,
     write_encrypted,
 )
-from pipeline.errors import ConfigError
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
 KEY_B = base64.b64encode(bytes(range(32, 64))).decode()
@@ -122,7 +122,7 @@ def test_development_keyring_is_made_once_private_and_rotates(tmp_path: Path) ->
 def test_rekey_command_moves_every_run_file_to_a_new_dev_key(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.ops.cli import main
 
     data_dir = tmp_path / "data"
     old = load_keyring(data_dir, {})
@@ -149,8 +149,8 @@ def test_rekey_command_rotates_archived_drops_and_kept_reports_and_converts_old_
     from click.testing import CliRunner
     from cryptography.fernet import Fernet
 
-    from pipeline.cli import main
-    from pipeline.collect import Archive, Collected
+    from pipeline.ops.cli import main
+    from pipeline.returns.collect import Archive, Collected
 
     data_dir = tmp_path / "data"
     old = load_keyring(data_dir, {})
@@ -187,7 +187,7 @@ def test_rekey_command_rotates_archived_drops_and_kept_reports_and_converts_old_
 def test_decrypt_command_pipes_the_plaintext_and_refuses_other_files(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.ops.cli import main
 
     data_dir = tmp_path / "data"
     keyring = load_keyring(data_dir, {})

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline import atrest
-from pipeline.atrest import DecryptionError, load_keyring, parse_keys
-from pipeline.atrest_parquet import key_id_of, open_reader, open_writer, read_table, rekey
-from pipeline.cli import main
+from pipeline.ops.cli import main
+from pipeline.records import atrest
+from pipeline.records.atrest import DecryptionError, load_keyring, parse_keys
+from pipeline.records.atrest_parquet import key_id_of, open_reader, open_writer, read_table, rekey
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
 KEY_B = base64.b64encode(bytes(range(32, 64))).decode()

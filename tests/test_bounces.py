@@ -8,19 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.bounces import (
-    BounceClass,
-    Finality,
-    ReportKind,
-    SmtpStage,
-    classify,
-    enhanced_status,
-    mail_hosts,
-    parse_report,
-    smtp_stage,
-)  # fmt: skip
-from pipeline.plan import token_from_verp, verp_return_path
-from pipeline.sink import delivery_status_notification
+from pipeline.ops.sink import delivery_status_notification
+from pipeline.records.bounce_classes import classify, enhanced_status, mail_hosts, smtp_stage
+from pipeline.records.verp import token_from_verp, verp_return_path
+from pipeline.returns.bounces import BounceClass, Finality, ReportKind, SmtpStage, parse_report
 from tests.conftest import SHARED_DATA
 
 DOMAIN = "bounces.eob.example.com"

@@ -12,11 +12,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import cases, reconcile
-from pipeline.bounces import BounceClass
+from pipeline.delivery.policy import parse_policy
 from pipeline.errors import IllegalTransition
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import (
+from pipeline.records.ledger import open_ledger, paused_routes
+from pipeline.records.ledger.models import (
     AuditEvent,
     Base,
     Bounce,
@@ -28,8 +27,14 @@ from pipeline.ledger.models import (
     StateTransition,
     Suppression,
 )
-from pipeline.ledger.states import CASE_TRANSITIONS, CaseState, MessageState
-from pipeline.policy import parse_policy
+from pipeline.records.ledger.states import (
+    CASE_TRANSITIONS,
+    CaseState,
+    MessageState,
+    mark_resend_accepted,
+)
+from pipeline.returns import cases, reconcile
+from pipeline.returns.bounces import BounceClass
 from tests.ledger_seed import seed_run_and_file
 from tests.smtp_servers import policy_toml
 
@@ -129,7 +134,7 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
         )
         assert case.state == CaseState.RESEND_PLANNED
         resend.state = MessageState.ACCEPTED
-        cases.on_attempt_accepted(session, resend)
+        mark_resend_accepted(session, resend)
         cases.close(session, case.case_id, actor="alice", reason="delivered")
         assert (case.verified_by, case.approved_by, case.verified_channel) == (
             "alice",
@@ -235,7 +240,7 @@ def test_a_resend_that_bounces_again_reopens_then_prints(sessions: sessionmaker[
             cases.plan_approved_resends(session, "r1", SENDING)
             resend = session.scalars(select(Message).where(Message.attempt == attempt)).one()
             resend.state = MessageState.ACCEPTED
-            cases.on_attempt_accepted(session, resend)
+            mark_resend_accepted(session, resend)
             reconcile.reconcile_bounce(
                 session, _bounce(session, resend, BounceClass.HARD_BOUNCE), POLICY
             )
@@ -321,7 +326,7 @@ def test_bounce_rate_over_pause_holds_the_route(sessions: sessionmaker[Session])
                 session, _bounce(session, message, BounceClass.HARD_BOUNCE), POLICY
             )
         assert reconcile.monitor_bounce_rates(session, "r1", POLICY) == {"warn": 0, "pause": 1}
-        assert reconcile.paused_routes(session) == {("127.0.0.2", "isp.example")}
+        assert paused_routes(session) == {("127.0.0.2", "isp.example")}
 
 
 ACTORS = st.sampled_from(["alice", "bob"])
@@ -385,7 +390,7 @@ class CaseMachine(RuleBasedStateMachine):
         ).first()
         assert latest is not None
         latest.state = MessageState.ACCEPTED
-        cases.on_attempt_accepted(self.session, latest)
+        mark_resend_accepted(self.session, latest)
         if bounce:
             reconcile.reconcile_bounce(
                 self.session, _bounce(self.session, latest, BounceClass.HARD_BOUNCE), POLICY

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from pipeline.ops.cli import main
 from pipeline.runner import STAGES
 from tests.conftest import sample_drop
 
@@ -35,8 +35,8 @@ def test_review_commands_work_the_case(tmp_path, monkeypatch):
     from sqlalchemy import select
 
     from pipeline.config import Settings
-    from pipeline.ledger import open_ledger
-    from pipeline.ledger.models import ConsoleUser, ResendCase
+    from pipeline.records.ledger import open_ledger
+    from pipeline.records.ledger.models import ConsoleUser, ResendCase
     from tests.ledger_seed import seed_run_and_file
     from tests.test_cases import _hard_bounced_case
 

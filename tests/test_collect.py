@@ -9,13 +9,19 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from pipeline import bounces
-from pipeline.atrest import DecryptionError, parse_keys
-from pipeline.collect import Archive, Collected, MaildirSource, MboxSource, legacy_fernet_key
 from pipeline.config import Settings
-from pipeline.plan import verp_return_path
+from pipeline.ops.sink import delivery_status_notification
+from pipeline.records.atrest import DecryptionError, parse_keys
+from pipeline.records.verp import verp_return_path
+from pipeline.returns import bounces
+from pipeline.returns.collect import (
+    Archive,
+    Collected,
+    MaildirSource,
+    MboxSource,
+    legacy_fernet_key,
+)
 from pipeline.runner import run_stage, start_run
-from pipeline.sink import delivery_status_notification
 from tests.conftest import sample_drop
 
 DOMAIN = "bounces.eob.example.com"
@@ -99,8 +105,8 @@ def test_the_bounces_stage_processes_a_report_once(sink, tmp_path: Path):
     """The same raw report delivered twice (a re-delivery) is recorded once."""
     from sqlalchemy import select
 
-    from pipeline.ledger import open_ledger
-    from pipeline.ledger.models import Bounce
+    from pipeline.records.ledger import open_ledger
+    from pipeline.records.ledger.models import Bounce
     from pipeline.runner import run_stage, start_run
     from tests.conftest import sample_drop
 
@@ -118,8 +124,8 @@ def test_the_bounces_stage_processes_a_report_once(sink, tmp_path: Path):
 
 
 def test_the_source_setting(tmp_path: Path):
-    from pipeline.collect import ImapSource, source_from
     from pipeline.errors import ConfigError
+    from pipeline.returns.collect import ImapSource, source_from
 
     assert source_from("", tmp_path / "rp") == MaildirSource(tmp_path / "rp")
     assert source_from(f"mbox:{tmp_path}/box", tmp_path) == MboxSource(tmp_path / "box")

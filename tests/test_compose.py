@@ -17,7 +17,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from pipeline.config import load_settings
-from pipeline.policy import load_policy
+from pipeline.delivery.policy import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -81,10 +81,9 @@ def test_airflow_services_pin_airflow_3_3_and_mount_the_project(compose: dict) -
 
 
 def test_project_folders_the_package_reads_are_mounted_beside_it(compose: dict) -> None:
-    # pipeline/*.py find schemas/, templates/, config/... as Path(__file__).parent.parent / X.
-    needed = set()
-    for source in (REPO / "pipeline").glob("*.py"):
-        needed |= set(re.findall(r'parent\.parent / "(\w+)"', source.read_text(encoding="utf-8")))
+    # pipeline/resources.py names the project folders the package reads, beside the package.
+    resources = (REPO / "pipeline" / "resources.py").read_text(encoding="utf-8")
+    needed = set(re.findall(r'PROJECT_DIR / "(\w+)"', resources))
     assert needed, "expected pipeline/ to read some project folders"
     mounts = _bind_mounts(compose["services"]["scheduler"])
     for folder in sorted(needed):

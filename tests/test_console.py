@@ -18,11 +18,11 @@ import uvicorn
 from sqlalchemy import select
 
 from pipeline.config import Settings
-from pipeline.console.app import create_app
-from pipeline.console.auth import Role, add_user, mask_email
-from pipeline.demo import free_port
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import AuditEvent, ResendCase
+from pipeline.ops.console.app import create_app
+from pipeline.ops.console.auth import Role, add_user, mask_email
+from pipeline.ops.demo import free_port
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import AuditEvent, ResendCase
 from tests.ledger_seed import seed_run_and_file
 from tests.test_cases import _hard_bounced_case
 

@@ -21,10 +21,11 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.config import Settings
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import Message
-from pipeline.ledger.states import MessageState
-from pipeline.runner import _ledger, run_stage
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import Message
+from pipeline.records.ledger.states import MessageState
+from pipeline.records.run_context import ledger_sessions
+from pipeline.runner import run_stage
 from tests.smtp_servers import Receiver, Script, policy_toml, seed_run, smtp_server
 
 MESSAGES = int(os.environ.get("EOB_CRASH_MESSAGES", "5000"))
@@ -37,7 +38,7 @@ CONCURRENCY = len(IPS) * CONNECTIONS_PER_IP
 
 def _send_in_child(settings: Settings, run_id: str) -> None:
     # A forked child must not share the parent's database connections.
-    _ledger.cache_clear()
+    ledger_sessions.cache_clear()
     run_stage(settings, run_id, "send")
 
 

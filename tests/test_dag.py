@@ -33,6 +33,7 @@ STAGES = [
     "statements",
     "render",
     "plan",
+    "resends",
     "send",
     "bounces",
     "reconcile",
@@ -62,7 +63,7 @@ if dag is not None:
     from airflow.utils.db import upgradedb
     from airflow.utils.session import create_session
     from pipeline.config import load_settings
-    from pipeline.sink import start_sink
+    from pipeline.ops.sink import start_sink
 
     upgradedb()
     settings = load_settings()  # the same EOB_* environment the tasks read

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from pipeline.atrest import DecryptionError
 from pipeline.config import Settings
-from pipeline.drop import complete_files
 from pipeline.errors import ConfigError
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import InputFile
-from pipeline.profiles import load_profile
-from pipeline.runner import decrypted_file, run_stage, start_run
+from pipeline.intake.drop import complete_files
+from pipeline.intake.profiles import load_profile
+from pipeline.ops.rekey import decrypted_file
+from pipeline.records.atrest import DecryptionError
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import InputFile
+from pipeline.runner import run_stage, start_run
 from tests.conftest import REPO
 
 SAMPLE = REPO / "data_samples" / "landing" / "acme" / "claims_2026-10.csv"
@@ -47,8 +48,10 @@ def test_marker_completion_needs_the_marker(tmp_path, monkeypatch):
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "beta.toml").write_text('completion = "marker"\n')
-    monkeypatch.setattr("pipeline.profiles.PROFILES_DIR", profiles)
-    monkeypatch.setattr("pipeline.drop.load_profile", lambda name: load_profile(name, profiles))
+    monkeypatch.setattr("pipeline.intake.profiles.PROFILES_DIR", profiles)
+    monkeypatch.setattr(
+        "pipeline.intake.drop.load_profile", lambda name: load_profile(name, profiles)
+    )
     drop = drop_with(tmp_path, "beta", {"a.csv": b"x", "b.csv": b"y", "b.csv.ready": b""})
     assert [f.path.name for f in complete_files(drop)] == ["b.csv"]
 
@@ -114,7 +117,7 @@ def test_an_archived_drop_moved_to_another_insurer_or_day_does_not_decrypt(setti
 
 def test_a_rejected_file_gets_a_report_without_values(settings, tmp_path, monkeypatch):
     strict = replace(load_profile("acme"), max_bad_row_share=0.05)
-    monkeypatch.setattr("pipeline.runner.load_profile", lambda insurer: strict)
+    monkeypatch.setattr("pipeline.intake.steps.load_profile", lambda insurer: strict)
     drop = drop_with(tmp_path, "acme", {"claims.csv": SAMPLE.read_bytes()})
     _, counts = ingest_and_validate(settings, drop)
     assert counts["validate_rejected"] == 1

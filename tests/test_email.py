@@ -17,14 +17,14 @@ import pytest
 from pypdf import PdfReader
 from pypdf.errors import FileNotDecryptedError
 
-from pipeline.compose import compose_eob_email
 from pipeline.config import Settings, load_settings
-from pipeline.demo import free_port, unknown_mailboxes
+from pipeline.delivery.compose import compose_eob_email
+from pipeline.documents.protect import pdf_password, protect_pdf
+from pipeline.documents.render import render_statement
 from pipeline.errors import ConfigError
-from pipeline.protect import pdf_password, protect_pdf
-from pipeline.render import render_statement
+from pipeline.ops.demo import free_port, unknown_mailboxes
+from pipeline.ops.sink import start_sink
 from pipeline.runner import run_all
-from pipeline.sink import start_sink
 from tests.conftest import sample_drop
 from tests.test_render import MEMBER, line, statement
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.contracts import load_contract
 from pipeline.errors import FileRejected
-from pipeline.fhir import SOURCE, read_fhir_claim_lines
+from pipeline.intake.fhir import SOURCE, read_fhir_claim_lines
+from pipeline.records.contracts import load_contract
 from tests.conftest import SHARED_DATA, TEST_KEYRING
 
 CARIN = SHARED_DATA / "fhir" / "carin-bb"
@@ -468,10 +468,10 @@ def test_fhir_samples_stream_through_ingest_onto_the_typed_contract(tmp_path: Pa
     from datetime import date
     from decimal import Decimal
 
-    from pipeline.atrest_parquet import read_table
-    from pipeline.contracts import load_contract
-    from pipeline.ingest import detect_format, ingest_file
-    from pipeline.validate import validate_file
+    from pipeline.intake.ingest import detect_format, ingest_file
+    from pipeline.intake.validate import validate_file
+    from pipeline.records.atrest_parquet import read_table
+    from pipeline.records.contracts import load_contract
 
     samples = [
         CARIN / "ExplanationOfBenefit_ProfessionalEOBExample1.json",

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import trustme
 
-from pipeline.collect import ImapSource
 from pipeline.config import Settings
-from pipeline.demo import free_port
-from pipeline.plan import verp_return_path
+from pipeline.ops.demo import free_port
+from pipeline.ops.sink import delivery_status_notification
+from pipeline.records.verp import verp_return_path
+from pipeline.returns.collect import ImapSource
 from pipeline.runner import run_stage, start_run
-from pipeline.sink import delivery_status_notification
 from tests.conftest import sample_drop, wait_for_listener
 
 DOVECOT = Path("/usr/sbin/dovecot")

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pipeline.ingest
-from pipeline.atrest_parquet import read_table
-from pipeline.contracts import load_contract
+import pipeline.intake.ingest
 from pipeline.errors import FileRejected
-from pipeline.ingest import ingest_file
-from pipeline.validate import FileVerdict, validate_file
+from pipeline.intake.ingest import ingest_file
+from pipeline.intake.validate import FileVerdict, validate_file
+from pipeline.records.atrest_parquet import read_table
+from pipeline.records.contracts import load_contract
 from tests.conftest import REPO, TEST_KEYRING
 
 SAMPLE = REPO / "data_samples" / "landing" / "acme" / "claims_2026-10.csv"
@@ -193,7 +193,7 @@ def test_empty_or_unreadable_files_are_rejected(tmp_path, content):
 
 
 def test_invalid_utf8_midway_rejects_the_file_and_keeps_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.ingest, "_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(pipeline.intake.ingest, "_BLOCK_BYTES", 4096)
     rows = [{**GOOD, "claim_id": f"C{i}"} for i in range(200)]
     path = write(tmp_path, rows)
     # A Latin-1 "é" in a name near the end: an encoding slip in one of many blocks.
@@ -206,7 +206,7 @@ def test_invalid_utf8_midway_rejects_the_file_and_keeps_nothing(tmp_path, monkey
 
 def test_row_numbers_hold_across_blocks(tmp_path, monkeypatch):
     """Bad records anywhere in a large file keep their true record numbers."""
-    monkeypatch.setattr(pipeline.ingest, "_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(pipeline.intake.ingest, "_BLOCK_BYTES", 4096)
     rows = [{**GOOD, "claim_id": f"C{i}"} for i in range(400)]
     text_rows = io.StringIO()
     writer = csv.DictWriter(text_rows, fieldnames=HEADER, lineterminator="\n")
@@ -378,7 +378,7 @@ def test_duplicates_are_exactly_the_repeats_after_the_first(tmp_path, keys):
 
 
 def test_the_synthetic_extract_fits_the_contract_with_its_share_of_defects(tmp_path):
-    from pipeline.synthetic import generate_extract
+    from pipeline.ops.synthetic import generate_extract
 
     path = tmp_path / "synthetic.csv"
     generate_extract(path, 4_000, bad_share=0.05, chunk=1_500)

@@ -13,8 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.errors import IllegalTransition
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import (
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import (
     Base,
     Message,
     ResendCase,
@@ -22,7 +22,7 @@ from pipeline.ledger.models import (
     Statement,
     StateTransition,
 )  # fmt: skip
-from pipeline.ledger.states import (
+from pipeline.records.ledger.states import (
     CASE_TRANSITIONS,
     MESSAGE_TRANSITIONS,
     CaseState,

@@ -35,7 +35,7 @@ def test_pipeline_and_its_stages_import_without_airflow():
                 return None
 
         sys.meta_path.insert(0, NoAirflow())
-        import pipeline, pipeline.runner, pipeline.cli
+        import pipeline, pipeline.runner, pipeline.ops.cli
         assert pipeline.STAGES[0] == "ingest"
         assert not any(m == "airflow" or m.startswith("airflow.") for m in sys.modules)
         print("ok")
@@ -47,7 +47,7 @@ def test_pipeline_and_its_stages_import_without_airflow():
 
 
 def test_the_committed_data_dictionary_matches_the_contracts():
-    from pipeline.contracts import data_dictionary
+    from pipeline.records.contracts import data_dictionary
 
     committed = (REPO / "docs" / "data_dictionary.md").read_text(encoding="utf-8")
     assert committed == data_dictionary(), "run `eob data-dictionary` and commit the result"

@@ -14,12 +14,12 @@ import pytest
 from pypdf import PdfReader
 from sqlalchemy import select
 
-from pipeline.atrest import MAGIC, load_keyring, read_decrypted
 from pipeline.config import Settings
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import Message, ResendCase, Statement, Suppression
-from pipeline.ledger.states import CaseState, MessageState
-from pipeline.policy import load_policy
+from pipeline.delivery.policy import load_policy
+from pipeline.records.atrest import MAGIC, load_keyring, read_decrypted
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import Message, ResendCase, Statement, Suppression
+from pipeline.records.ledger.states import CaseState, MessageState
 from pipeline.runner import run_all
 from tests.conftest import REPO, sample_drop
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.delivery.plan import ToPlan, plan_sends
+from pipeline.delivery.policy import DEFAULT_POLICY_FILE, load_policy, parse_policy
+from pipeline.delivery.shaping import retry_hint_seconds
 from pipeline.errors import ConfigError
-from pipeline.plan import ToPlan, plan_sends
-from pipeline.policy import DEFAULT_POLICY_FILE, load_policy, parse_policy
-from pipeline.shaping import retry_hint_seconds
 
 SHIPPED: dict[str, Any] = tomllib.loads(DEFAULT_POLICY_FILE.read_text())
 TODAY = date(2026, 11, 22)

@@ -24,14 +24,14 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select
 
-from pipeline import cases, reconcile
-from pipeline.atrest import load_keyring
-from pipeline.collect import Archive
 from pipeline.config import Settings
-from pipeline.demo import free_port
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import AuditEvent, Bounce, Message, ResendCase
-from pipeline.ledger.states import CaseState, MessageState
+from pipeline.ops.demo import free_port
+from pipeline.records.atrest import load_keyring
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import AuditEvent, Bounce, Message, ResendCase
+from pipeline.records.ledger.states import CaseState, MessageState
+from pipeline.returns import cases, reconcile
+from pipeline.returns.collect import Archive
 from pipeline.runner import STAGES, finish_run, run_stage, start_run
 from tests.conftest import sample_drop, wait_for_listener
 

@@ -8,8 +8,8 @@ import io
 
 from pypdf import PdfReader
 
-from pipeline.printbatch import MANIFEST_COLUMNS, PrintPiece, build_print_batch
-from pipeline.render import render_statement
+from pipeline.documents.printbatch import MANIFEST_COLUMNS, PrintPiece, build_print_batch
+from pipeline.documents.render import render_statement
 from tests.test_render import line, statement
 
 

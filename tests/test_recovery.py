@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import Message
-from pipeline.ledger.states import MessageState, transition_message
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import Message
+from pipeline.records.ledger.states import MessageState, transition_message
 from pipeline.runner import STAGES, run_stage, start_run
 from tests.conftest import sample_drop
 

@@ -21,18 +21,18 @@ from hypothesis import strategies as st
 from pypdf import PdfReader
 from reportlab.pdfbase.pdfmetrics import stringWidth
 
-from pipeline import render
-from pipeline.atrest import parse_keys, read_decrypted
-from pipeline.codes import load_code_book
-from pipeline.errors import ConfigError
-from pipeline.render import (
+from pipeline.documents import render
+from pipeline.documents.codes import load_code_book
+from pipeline.documents.render import (
     format_money,
     load_wording,
     render_all,
     render_statement_pdf,
     wording_for,
 )
-from pipeline.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.documents.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.errors import ConfigError
+from pipeline.records.atrest import parse_keys, read_decrypted
 
 PLAN = "Example Health Plan"
 HEADER_ROW = "Service date Provider Service Billed Allowed Plan paid You may owe"

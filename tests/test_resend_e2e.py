@@ -12,11 +12,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from pipeline import cases, reconcile
 from pipeline.config import Settings
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import AuditEvent, Bounce, Message, ResendCase, StateTransition
-from pipeline.ledger.states import CaseState, MessageState
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import AuditEvent, Bounce, Message, ResendCase, StateTransition
+from pipeline.records.ledger.states import CaseState, MessageState
+from pipeline.returns import cases, reconcile
 from pipeline.runner import run_all
 from tests.conftest import sample_drop
 

@@ -14,9 +14,9 @@ import dns.message
 import dns.rcode
 import dns.rrset
 
-from pipeline.policy import load_policy
-from pipeline.routing import MxRouter, Route
-from pipeline.shaping import provider_for
+from pipeline.delivery.policy import load_policy
+from pipeline.delivery.routing import MxRouter, Route
+from pipeline.delivery.shaping import provider_for
 
 ZONE = {
     "members.example.": ["20 mx2.members.example.", "10 mx1.members.example."],

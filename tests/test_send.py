@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.bounces import BounceClass, SmtpStage, smtp_rejection
-from pipeline.policy import DEFAULT_POLICY_FILE, SendingPolicy, parse_policy
-from pipeline.routing import Route
-from pipeline.send import (
+from pipeline.delivery.policy import DEFAULT_POLICY_FILE, SendingPolicy, parse_policy
+from pipeline.delivery.routing import Route
+from pipeline.delivery.send import (
     Callbacks,
     Claim,
     Event,
@@ -27,7 +26,9 @@ from pipeline.send import (
     send_all,
     tls_context,
 )
-from pipeline.sink import ensure_certificates
+from pipeline.ops.sink import ensure_certificates
+from pipeline.records.bounce_classes import smtp_rejection
+from pipeline.returns.bounces import BounceClass, SmtpStage
 from tests.smtp_servers import HOST, Receiver, Script, smtp_server
 
 IPS = ("127.0.0.20", "127.0.0.21")
@@ -215,7 +216,7 @@ def test_a_slow_server_is_waited_for_up_to_the_timeout(certs, delay, outcome):
 
 
 def test_nothing_listening_defers(certs):
-    from pipeline.demo import free_port
+    from pipeline.ops.demo import free_port
 
     results = send([outgoing(1)], free_port(HOST), certs / "ca.pem")
     assert results["m1"].outcome == Outcome.DEFERRED and results["m1"].code is None

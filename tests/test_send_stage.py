@@ -9,12 +9,12 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.config import Settings
-from pipeline.ledger import open_ledger
-from pipeline.ledger.models import Message, Statement
-from pipeline.ledger.states import MessageState
-from pipeline.policy import load_policy
+from pipeline.delivery.policy import load_policy
+from pipeline.ops.sink import ensure_certificates
+from pipeline.records.ledger import open_ledger
+from pipeline.records.ledger.models import Message, Statement
+from pipeline.records.ledger.states import MessageState
 from pipeline.runner import run_stage
-from pipeline.sink import ensure_certificates
 from tests.smtp_servers import Receiver, Script, policy_toml, seed_run, smtp_server
 
 IPS = ("127.0.0.28", "127.0.0.29")

@@ -9,9 +9,9 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from pipeline.compose import compose_eob_email
-from pipeline.policy import DkimPolicy
-from pipeline.signing import DkimSigner
+from pipeline.delivery.compose import compose_eob_email
+from pipeline.delivery.policy import DkimPolicy
+from pipeline.delivery.signing import DkimSigner
 
 
 def eob_email(language: str = "en", first_name: str | None = None) -> bytes:

@@ -9,9 +9,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from pipeline.contracts import MONEY, load_contract
+from pipeline.documents.statements import Accumulator, LineStatus, build_statements
 from pipeline.errors import InputError
-from pipeline.statements import Accumulator, LineStatus, build_statements
+from pipeline.records.contracts import MONEY, load_contract
 
 
 def row(member: str, claim: str | None, line: int, **extra: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from reportlab.lib import colors
 from reportlab.pdfbase.pdfmetrics import stringWidth
 
-from pipeline.textlayout import TextLine, TextStyle, parse_markup, wrap
+from pipeline.documents.textlayout import TextLine, TextStyle, parse_markup, wrap
 
 
 def measured(line: TextLine, size: float) -> float:

@@ -1,0 +1,1 @@
+"""Delivery: plan, sending policy, shaping, routing, signing, compose and send."""

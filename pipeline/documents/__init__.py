@@ -1,0 +1,1 @@
+"""Documents: statements, their PDFs, codes, templates and the print batch."""

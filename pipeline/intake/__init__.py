@@ -1,0 +1,1 @@
+"""Intake: the drop protocol, ingest, validation and insurer profiles."""

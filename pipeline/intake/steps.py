@@ -1,0 +1,225 @@
+"""Intake's steps bound to the ledger: ingest a drop's complete files, validate them."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pipeline.errors import FileRejected
+from pipeline.intake.drop import (
+    DroppedFile,
+    archive,
+    complete_files,
+)
+from pipeline.intake.ingest import ROW, detect_format, ingest_file
+from pipeline.intake.profiles import load_profile
+from pipeline.intake.rejections import write_rejection_report
+from pipeline.records import atrest_parquet
+from pipeline.records.atrest import (
+    Keyring,
+)
+from pipeline.records.contracts import load_contract
+from pipeline.records.ledger import audit
+from pipeline.records.ledger.models import (
+    InputFile,
+    Run,
+)
+from pipeline.records.run_context import RunContext, run_files
+
+log = logging.getLogger(__name__)
+
+
+def ingest_files(ctx: RunContext) -> dict[str, int]:
+    counts = dict.fromkeys(["registered", "skipped", "rejected", "rows_in"], 0)
+    with ctx.sessions() as session:
+        drop = Path(session.get_one(Run, ctx.run_id).drop)
+    for dropped in complete_files(drop):
+        with ctx.sessions.begin() as session:
+            known = session.scalar(select(InputFile).where(InputFile.sha256 == dropped.sha256))
+            if known is not None:
+                # Same content again, under any name: registered once, never processed twice.
+                audit(
+                    session,
+                    "file_skipped_duplicate",
+                    "input_file",
+                    str(known.file_id),
+                    actor="ingest",
+                    detail=f"run={ctx.run_id}",
+                )
+                _archive(ctx, dropped)
+                counts["skipped"] += 1
+                continue
+            record = _register(session, ctx, dropped)
+            try:
+                counts["rows_in"] += _ingest_one(ctx, record, dropped)
+                counts["registered"] += 1
+            except FileRejected as err:
+                reject_file(ctx, session, record, err.reason, quarantine=None)
+                log.warning("%s", err)
+                counts["rejected"] += 1
+            record.archived_path = str(_archive(ctx, dropped))
+    return counts
+
+
+def _archive(ctx: RunContext, dropped: DroppedFile) -> Path:
+    return archive(dropped, ctx.settings.archive_dir, datetime.now(UTC).date(), ctx.keyring)
+
+
+def _register(session: Session, ctx: RunContext, dropped: DroppedFile) -> InputFile:
+    earlier = session.scalar(
+        select(func.count()).where(
+            InputFile.insurer == dropped.insurer, InputFile.file_name == dropped.path.name
+        )
+    )
+    record = InputFile(
+        sha256=dropped.sha256,
+        file_name=dropped.path.name,
+        insurer=dropped.insurer,
+        kind=dropped.kind,
+        version=(earlier or 0) + 1,
+        size_bytes=dropped.size_bytes,
+        run_id=ctx.run_id,
+        registered_at=datetime.now(UTC),
+        status="registered",
+    )
+    session.add(record)
+    session.flush()
+    audit(
+        session,
+        "file_registered",
+        "input_file",
+        str(record.file_id),
+        actor="ingest",
+        detail=f"sha256={dropped.sha256} kind={dropped.kind} version={record.version}",
+    )
+    return record
+
+
+def _ingest_one(ctx: RunContext, record: InputFile, dropped: DroppedFile) -> int:
+    profile = load_profile(dropped.insurer).for_kind(dropped.kind)
+    fmt = detect_format(dropped.path) if profile.format == "auto" else profile.format
+    out = ctx.file_dir(record.file_id)
+    result = ingest_file(
+        dropped.path,
+        parsed_out=out / "parsed.parquet",
+        quarantine_out=out / "parse_quarantine.parquet",
+        fmt=fmt,
+        columns=profile.columns,
+        contract=load_contract("roster" if dropped.kind == "roster" else "claim_line"),
+        keyring=ctx.keyring,
+    )
+    record.rows_in = result.rows_in
+    return result.rows_in
+
+
+def reject_file(
+    ctx: RunContext, session: Session, record: InputFile, reason: str, quarantine: pa.Table | None
+) -> None:
+    record.status, record.rejection_reason = "rejected", reason
+    # A rejected file is held back whole: its rows count as quarantined in the accounting.
+    record.rows_accepted, record.rows_quarantined = 0, record.rows_in
+    report = write_rejection_report(
+        ctx.settings.outbox_dir,
+        insurer=record.insurer,
+        file_name=record.file_name,
+        sha256=record.sha256,
+        reason=reason,
+        quarantine=quarantine,
+    )
+    audit(
+        session,
+        "file_rejected",
+        "input_file",
+        str(record.file_id),
+        actor="validate",
+        detail=f"{reason}; report={report.name}",
+    )
+
+
+def validate_files(ctx: RunContext) -> dict[str, int]:
+    # Great Expectations takes seconds to import: only the validate step pays for it, not every
+    # Airflow task that parses the DAG file.
+    from pipeline.intake.validate import validate_file
+
+    counts = {"files": 0, "rejected": 0, "rows_accepted": 0, "rows_quarantined": 0}
+    with ctx.sessions.begin() as session:
+        # Rosters first, so the run's claims are joined with the newest contact details.
+        pending = sorted(
+            run_files(session, ctx.run_id, "registered"),
+            key=lambda f: (f.kind != "roster", f.file_id),
+        )
+        # Each insurer's merged roster, decrypted once per stage and kept current by the merges.
+        rosters: dict[str, pa.Table | None] = {}
+        for record in pending:
+            out = ctx.file_dir(record.file_id)
+            roster_path = ctx.settings.rosters_dir / f"{record.insurer}.parquet"
+            if record.insurer not in rosters:
+                rosters[record.insurer] = (
+                    atrest_parquet.read_table(roster_path, ctx.keyring)
+                    if roster_path.exists()
+                    else None
+                )
+            roster = rosters[record.insurer]
+            verdict = validate_file(
+                kind=record.kind,
+                file_name=record.file_name,
+                parsed=out / "parsed.parquet",
+                parse_quarantine=out / "parse_quarantine.parquet",
+                accepted_out=out / "accepted.parquet",
+                quarantine_out=out / "quarantine.parquet",
+                rows_in=record.rows_in or 0,
+                run_date=datetime.now(UTC).date(),
+                roster=roster if record.kind == "claims" else None,
+                max_bad_row_share=load_profile(record.insurer).max_bad_row_share,
+                keyring=ctx.keyring,
+            )
+            counts["files"] += 1
+            if verdict.rejection:
+                reject_file(
+                    ctx,
+                    session,
+                    record,
+                    verdict.rejection,
+                    quarantine=atrest_parquet.read_table(out / "quarantine.parquet", ctx.keyring),
+                )
+                counts["rejected"] += 1
+                continue
+            record.rows_accepted, record.rows_quarantined = verdict.accepted, verdict.quarantined
+            record.status = "validated"
+            if record.kind == "roster":
+                accepted = atrest_parquet.read_table(out / "accepted.parquet", ctx.keyring)
+                rosters[record.insurer] = _merge_roster(roster_path, roster, accepted, ctx.keyring)
+            audit(
+                session,
+                "file_validated",
+                "input_file",
+                str(record.file_id),
+                actor="validate",
+                detail=f"rows_in={record.rows_in} accepted={verdict.accepted} "
+                f"quarantined={verdict.quarantined}",
+            )
+            counts["rows_accepted"] += verdict.accepted
+            counts["rows_quarantined"] += verdict.quarantined
+    return counts
+
+
+def _merge_roster(
+    path: Path, current: pa.Table | None, newer: pa.Table, keyring: Keyring
+) -> pa.Table:
+    """The insurer's roster: one row per member, the newest file's row winning; written to
+    `path` and returned."""
+    newer = newer.drop_columns([ROW])
+    if current is not None:
+        older = current.filter(pc.invert(pc.is_in(current["member_id"], newer["member_id"])))
+        newer = pa.concat_tables([older, newer])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    atrest_parquet.write_table(newer, tmp, keyring)
+    tmp.replace(path)
+    return newer

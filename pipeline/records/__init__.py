@@ -1,0 +1,1 @@
+"""Records: the ledger, encryption at rest, data contracts and the analysts' datasets."""

@@ -1,0 +1,84 @@
+"""The delivery ledger: one database that owns delivery state.
+
+`open_ledger(url)` migrates the schema to head (Alembic) and returns a session factory.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.records.ledger.models import AuditEvent, DeliverabilityAlert, Suppression
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # Enforce foreign keys; WAL lets readers (datasets, console) run beside the sender.
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def open_ledger(url: str) -> sessionmaker[Session]:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)
+    migrate(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def audit(
+    session: Session, action: str, entity_kind: str, entity_id: str, *, actor: str, detail: str = ""
+) -> None:
+    """Record an audit event. `detail` carries ids and counts, never PHI."""
+    session.add(
+        AuditEvent(
+            at=datetime.now(UTC),
+            actor=actor,
+            action=action,
+            entity_kind=entity_kind,
+            entity_id=entity_id,
+            detail=detail,
+        )
+    )
+
+
+def is_suppressed(session: Session, address: str) -> bool:
+    """Whether email to `address` is suppressed (the list is keyed by lower-cased address)."""
+    return session.get(Suppression, address.lower()) is not None
+
+
+def paused_routes(session: Session) -> set[tuple[str, str]]:
+    """(sending IP, provider) pairs the send stage must skip until acknowledged."""
+    rows = session.execute(
+        select(DeliverabilityAlert.source_ip, DeliverabilityAlert.provider).where(
+            DeliverabilityAlert.kind == "bounce_rate_pause",
+            DeliverabilityAlert.acknowledged_at.is_(None),
+        )
+    )
+    return {(ip, provider) for ip, provider in rows}

@@ -1,0 +1,1 @@
+"""Returns: collect the return path, parse and classify bounces, reconcile, cases."""
