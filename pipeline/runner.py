@@ -64,7 +64,7 @@ def start_run(settings: Settings, drop: Path) -> str:
 def run_stage(
     settings: Settings, run_id: str, stage: str, track: Track[object] = no_progress
 ) -> dict[str, int]:
-    context = RunContext(settings, run_id, ledger_sessions(settings.ledger_url), track)
+    context = RunContext(settings, ledger_sessions(settings.ledger_url), track=track, run_id=run_id)
     counts = _STEPS[stage](context)
     log.info("run %s %s: %s", run_id, stage, counts)
     return counts

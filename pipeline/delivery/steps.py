@@ -46,7 +46,7 @@ from pipeline.records.ledger.states import (
     transition_message,
     transition_messages,
 )
-from pipeline.records.run_context import RunContext
+from pipeline.records.run_context import LedgerContext, RunContext
 from pipeline.records.verp import verp_return_path
 
 
@@ -107,18 +107,17 @@ def providers_of(policy: SendingPolicy, addresses: list[str]) -> dict[str, str]:
     }
 
 
-def send_due(ctx: RunContext) -> dict[str, int]:
+def send_due(ctx: LedgerContext) -> dict[str, int]:
     settings = ctx.settings
     policy = policy_for(settings)
     now = datetime.now(UTC)
     with ctx.sessions.begin() as session:
-        _recover_interrupted(session, ctx.run_id)
+        _recover_interrupted(session)
         # Each message with its statement, in one query (not one query per statement).
         rows = session.execute(
             select(Message, Statement)
             .join(Statement, Statement.statement_id == Message.statement_id)
             .where(
-                Message.run_id == ctx.run_id,
                 Message.state.in_([MessageState.PLANNED, MessageState.DEFERRED]),
                 or_(Message.send_day.is_(None), Message.send_day <= now.date()),
                 or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now),
@@ -254,12 +253,10 @@ def _record_result(
     return False
 
 
-def _recover_interrupted(session: Session, run_id: str) -> None:
+def _recover_interrupted(session: Session) -> None:
     """A message left in `sending` by a crash may or may not have reached the server: it is
     deferred for another attempt and marked as a possible duplicate (at-least-once)."""
-    stuck = session.scalars(
-        select(Message).where(Message.run_id == run_id, Message.state == MessageState.SENDING)
-    ).all()
+    stuck = session.scalars(select(Message).where(Message.state == MessageState.SENDING)).all()
     for message in stuck:
         message.possible_duplicate = True
         transition_message(
@@ -283,7 +280,7 @@ class _EmailParts:
     pdf_protected: bool
 
 
-def _email_parts(ctx: RunContext, statement: Statement) -> _EmailParts:
+def _email_parts(ctx: LedgerContext, statement: Statement) -> _EmailParts:
     assert statement.pdf_path is not None
     return _EmailParts(
         statement_id=statement.statement_id,
@@ -294,7 +291,7 @@ def _email_parts(ctx: RunContext, statement: Statement) -> _EmailParts:
     )
 
 
-def _outgoing(ctx: RunContext, message: Message) -> Outgoing:
+def _outgoing(ctx: LedgerContext, message: Message) -> Outgoing:
     return Outgoing(
         message_id=message.message_id,
         mail_from=verp_return_path(message.message_id, ctx.settings.return_path_domain),

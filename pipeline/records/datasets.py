@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, aliased
 from pipeline.records.contracts import load_contract
 from pipeline.records.ledger.models import AuditEvent, Bounce, Message, Run, StateTransition
 from pipeline.records.ledger.states import MessageState
-from pipeline.records.run_context import RunContext
+from pipeline.records.run_context import LedgerContext
 
 
 def write_delivery_facts(session: Session, out_dir: Path) -> int:
@@ -111,7 +111,7 @@ def _write(table: pa.Table, path: Path, partition_column: str) -> None:
     )
 
 
-def write_datasets(ctx: RunContext) -> dict[str, int]:
+def write_datasets(ctx: LedgerContext) -> dict[str, int]:
     with ctx.sessions() as session:
         out = ctx.settings.datasets_dir
         return {

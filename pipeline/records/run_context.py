@@ -32,11 +32,25 @@ def no_progress(items: Iterable[T], _description: str, _total: int) -> Iterable[
 
 
 @dataclass
-class RunContext:
+class LedgerContext:
+    """What a step needs that is not scoped to one run: the due-work loops (deliver, returns)
+    take this; a run's steps take a RunContext."""
+
     settings: Settings
-    run_id: str
     sessions: sessionmaker[Session]
-    track: Track[object] = field(default=no_progress)
+    track: Track[object] = field(default=no_progress, kw_only=True)
+
+    @cached_property
+    def keyring(self) -> Keyring:
+        # Loaded once per step: the intermediates of every file of the step use it.
+        return load_keyring(self.settings.data_dir)
+
+
+@dataclass
+class RunContext(LedgerContext):
+    """A step of one run (the intake of one drop): its id and run directory."""
+
+    run_id: str = field(kw_only=True)
 
     @property
     def run_dir(self) -> Path:
@@ -44,11 +58,6 @@ class RunContext:
 
     def file_dir(self, file_id: int) -> Path:
         return self.run_dir / "files" / str(file_id)
-
-    @cached_property
-    def keyring(self) -> Keyring:
-        # Loaded once per step: the intermediates of every file of the step use it.
-        return load_keyring(self.settings.data_dir)
 
 
 @cache

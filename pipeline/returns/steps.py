@@ -13,11 +13,11 @@ from pipeline.records.ledger.models import (
     Bounce,
     Message,
 )
-from pipeline.records.run_context import RunContext
+from pipeline.records.run_context import LedgerContext, RunContext
 from pipeline.returns import bounces, cases, collect, reconcile
 
 
-def collect_bounces(ctx: RunContext) -> dict[str, int]:
+def collect_bounces(ctx: LedgerContext) -> dict[str, int]:
     counts = {"reports": 0, "matched": 0, "unmatched": 0, "already_seen": 0}
     source = collect.source_from(ctx.settings.return_path_source, ctx.settings.return_path_maildir)
     archive = collect.Archive.in_data_dir(ctx.settings.data_dir, ctx.keyring)
