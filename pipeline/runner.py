@@ -32,7 +32,13 @@ from pipeline.records.ledger.models import (
     StateTransition,
 )
 from pipeline.records.ledger.states import MessageState
-from pipeline.records.run_context import RunContext, Track, ledger_sessions, no_progress
+from pipeline.records.run_context import (
+    LedgerContext,
+    RunContext,
+    Track,
+    ledger_sessions,
+    no_progress,
+)
 from pipeline.returns.steps import collect_bounces, plan_resends, reconcile_bounces
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,15 @@ _STEPS: dict[str, Callable[[RunContext], dict[str, int]]] = {
     "datasets": write_datasets,
 }
 STAGES = tuple(_STEPS)
+# `eob intake DROP`: a run of one drop, up to planned messages.
+INTAKE_STAGES = ("ingest", "validate", "statements", "render", "plan")
+# The due-work loops, not scoped to a run: each pass picks up what is due from every run.
+_DELIVER_STEPS: tuple[Callable[[LedgerContext], dict[str, int]], ...] = (send_due,)
+_RETURNS_STEPS: tuple[Callable[[LedgerContext], dict[str, int]], ...] = (
+    collect_bounces,
+    reconcile_bounces,
+    plan_resends,
+)
 
 
 def start_run(settings: Settings, drop: Path) -> str:
@@ -120,3 +135,37 @@ def run_summary(session: Session, run_id: str) -> dict[str, int]:
 
 def _count(session: Session, query: Select[Any]) -> int:
     return session.scalar(select(func.count()).select_from(query.subquery())) or 0
+
+
+def intake(
+    settings: Settings, drop: Path, track: Track[object] = no_progress
+) -> tuple[str, dict[str, int]]:
+    """One drop from its files to planned messages; the deliver loop sends them."""
+    run_id = start_run(settings, drop)
+    for stage in INTAKE_STAGES:
+        run_stage(settings, run_id, stage, track)
+    return run_id, finish_run(settings, run_id)
+
+
+def deliver(settings: Settings, track: Track[object] = no_progress) -> dict[str, int]:
+    """One pass of the deliver loop: every message that is due now, whatever run made it."""
+    return _loop_pass(settings, "deliver", _DELIVER_STEPS, track)
+
+
+def returns(settings: Settings, track: Track[object] = no_progress) -> dict[str, int]:
+    """One pass of the returns loop: collect the return path, reconcile, plan approved resends."""
+    return _loop_pass(settings, "returns", _RETURNS_STEPS, track)
+
+
+def _loop_pass(
+    settings: Settings,
+    name: str,
+    steps: tuple[Callable[[LedgerContext], dict[str, int]], ...],
+    track: Track[object],
+) -> dict[str, int]:
+    context = LedgerContext(settings, ledger_sessions(settings.ledger_url), track=track)
+    counts: dict[str, int] = {}
+    for step in steps:
+        counts |= step(context)
+    log.info("%s pass: %s", name, counts)
+    return counts

@@ -109,7 +109,7 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
         assert message.state == MessageState.BOUNCED
         assert session.get(Suppression, "old@example.org") is not None
         # Nothing is planned for an unverified or unapproved case.
-        assert cases.plan_approved_resends(session, "r1", SENDING) == 0
+        assert cases.plan_approved_resends(session, SENDING) == 0
         with pytest.raises(cases.CaseActionRefused, match="only a verified case"):
             cases.approve(session, case.case_id, actor="bob")
         cases.verify(
@@ -120,12 +120,12 @@ def test_the_whole_case_workflow(sessions: sessionmaker[Session]):
             evidence="called member on file number",
             address="New@Example.net",
         )
-        assert cases.plan_approved_resends(session, "r1", SENDING) == 0
+        assert cases.plan_approved_resends(session, SENDING) == 0
         with pytest.raises(cases.CaseActionRefused, match="must not be the verifier"):
             cases.approve(session, case.case_id, actor="alice")
         cases.approve(session, case.case_id, actor="bob")
-        assert cases.plan_approved_resends(session, "r1", SENDING) == 1
-        assert cases.plan_approved_resends(session, "r1", SENDING) == 0  # once only
+        assert cases.plan_approved_resends(session, SENDING) == 1
+        assert cases.plan_approved_resends(session, SENDING) == 0  # once only
         resend = session.scalars(select(Message).where(Message.attempt == 2)).one()
         assert (resend.case_id, resend.recipient, resend.state) == (
             case.case_id,
@@ -185,7 +185,7 @@ def test_an_approved_resend_honours_todays_warm_up_caps(sessions: sessionmaker[S
         cases.verify(session, case.case_id, actor="alice", channel="phone",
                      evidence="called member", address="new@example.net")  # fmt: skip
         cases.approve(session, case.case_id, actor="bob")
-        assert cases.plan_approved_resends(session, "r1", warming) == 1
+        assert cases.plan_approved_resends(session, warming) == 1
         resend = session.scalars(select(Message).where(Message.attempt == 2)).one()
         assert (resend.source_ip, resend.send_day) == ("127.0.0.2", today + timedelta(days=1))
 
@@ -237,7 +237,7 @@ def test_a_resend_that_bounces_again_reopens_then_prints(sessions: sessionmaker[
                 address=address,
             )
             cases.approve(session, case.case_id, actor="bob")
-            cases.plan_approved_resends(session, "r1", SENDING)
+            cases.plan_approved_resends(session, SENDING)
             resend = session.scalars(select(Message).where(Message.attempt == attempt)).one()
             resend.state = MessageState.ACCEPTED
             mark_resend_accepted(session, resend)
@@ -287,15 +287,10 @@ def test_policy_block_alerts_per_ip_and_provider_and_requeues_on_ack(
         assert session.scalars(select(ResendCase)).all() == []
         assert session.scalars(select(Message).where(Message.attempt == 2)).all() == []
         assert (
-            reconcile.acknowledge_alert(
-                session, alert.alert_id, actor="ops", run_id="r1", policy=SENDING
-            )
-            == 3
+            reconcile.acknowledge_alert(session, alert.alert_id, actor="ops", policy=SENDING) == 3
         )
         with pytest.raises(cases.CaseActionRefused):
-            reconcile.acknowledge_alert(
-                session, alert.alert_id, actor="ops", run_id="r1", policy=SENDING
-            )
+            reconcile.acknowledge_alert(session, alert.alert_id, actor="ops", policy=SENDING)
 
 
 def test_soft_bounces_open_a_case_only_at_the_limit(sessions: sessionmaker[Session]):
@@ -320,13 +315,56 @@ def test_bounce_rate_over_pause_holds_the_route(sessions: sessionmaker[Session])
             reconcile.reconcile_bounce(
                 session, _bounce(session, message, BounceClass.HARD_BOUNCE), POLICY
             )
-        assert reconcile.monitor_bounce_rates(session, "r1", POLICY) == {"warn": 1, "pause": 0}
+        assert reconcile.monitor_bounce_rates(session, POLICY) == {"warn": 1, "pause": 0}
         for message in messages[1:3]:
             reconcile.reconcile_bounce(
                 session, _bounce(session, message, BounceClass.HARD_BOUNCE), POLICY
             )
-        assert reconcile.monitor_bounce_rates(session, "r1", POLICY) == {"warn": 0, "pause": 1}
+        assert reconcile.monitor_bounce_rates(session, POLICY) == {"warn": 0, "pause": 1}
         assert paused_routes(session) == {("127.0.0.2", "isp.example")}
+
+
+def test_bounce_rate_counts_the_window_and_not_what_an_acknowledgement_settled(
+    sessions: sessionmaker[Session],
+):
+    """The returns loop runs the monitor every few minutes over every run: outcomes older than
+    the window do not count, and an acknowledged pause is not raised again by the same
+    evidence (only new outcomes on that route count)."""
+    with sessions.begin() as session:
+        seed_run_and_file(session)
+        messages = [_accepted(session, n, email=f"u{n}@isp.example") for n in range(40)]
+        for message in messages[:3]:
+            reconcile.reconcile_bounce(
+                session, _bounce(session, message, BounceClass.HARD_BOUNCE), POLICY
+            )
+        later = datetime.now(UTC) + POLICY.rate_window + timedelta(minutes=1)
+        assert reconcile.monitor_bounce_rates(session, POLICY, later) == {"warn": 0, "pause": 0}
+        assert reconcile.monitor_bounce_rates(session, POLICY) == {"warn": 0, "pause": 1}
+        (alert,) = session.scalars(select(DeliverabilityAlert)).all()
+        reconcile.acknowledge_alert(session, alert.alert_id, actor="ops", policy=SENDING)
+        assert paused_routes(session) == set()
+        assert reconcile.monitor_bounce_rates(session, POLICY) == {"warn": 0, "pause": 0}
+        assert paused_routes(session) == set()
+
+
+def test_an_acknowledged_requeue_and_an_approved_resend_join_the_statements_run(
+    sessions: sessionmaker[Session],
+):
+    """No run is needed to plan them: each new attempt belongs to its statement's run."""
+    with sessions.begin() as session:
+        seed_run_and_file(session)
+        message = _accepted(session, 1)
+        reconcile.reconcile_bounce(
+            session, _bounce(session, message, BounceClass.HARD_BOUNCE), POLICY
+        )
+        case_id = reconcile.case_id_for(message.message_id)
+        cases.verify(
+            session, case_id, actor="alice", channel="phone", evidence="called", address="n@x.org"
+        )
+        cases.approve(session, case_id, actor="bob")
+        assert cases.plan_approved_resends(session, SENDING) == 1
+        resend = session.scalars(select(Message).where(Message.case_id == case_id)).one()
+        assert (resend.run_id, resend.attempt, resend.state) == ("r1", 2, "planned")
 
 
 ACTORS = st.sampled_from(["alice", "bob"])
@@ -377,7 +415,7 @@ class CaseMachine(RuleBasedStateMachine):
 
     @rule()
     def plan(self):
-        cases.plan_approved_resends(self.session, "r1", SENDING)
+        cases.plan_approved_resends(self.session, SENDING)
         self.history.append(self.case.state)
 
     @precondition(lambda self: self.case.state == CaseState.RESEND_PLANNED)

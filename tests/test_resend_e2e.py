@@ -1,5 +1,6 @@
 """End to end: send, a real DSN comes back, reconcile, verify, approve, resend to the new
-address through plan and send, received once, and the audit trail tells the whole story.
+address by the returns and deliver loops with no new drop, received once, and the audit trail
+tells the whole story.
 
 The DSN here is the local sink's (RFC 3464, worded as Postfix words one); the same path with a
 real Postfix writing the DSN is in test_postfix_dsn.py.
@@ -17,7 +18,7 @@ from pipeline.records.ledger import open_ledger
 from pipeline.records.ledger.models import AuditEvent, Bounce, Message, ResendCase, StateTransition
 from pipeline.records.ledger.states import CaseState, MessageState
 from pipeline.returns import cases, reconcile
-from pipeline.runner import run_all
+from pipeline.runner import deliver, returns, run_all
 from tests.conftest import sample_drop
 
 NEW_ADDRESS = "mei.chen.verified@example.org"
@@ -51,18 +52,20 @@ def test_bounce_verify_approve_resend_once(sink: Settings, tmp_path: Path):
         )
         cases.approve(session, case_id, actor="bob")
 
-    # The approved case goes back through plan and send with the next run.
-    second_run, summary = run_all(sink, drop)
-    assert summary["messages_accepted"] == 1 and summary["messages_bounced"] == 0
+    # No new drop: the returns loop plans the approved resend, the deliver loop sends it.
+    assert returns(sink)["resends_planned"] == 1
+    sent = deliver(sink)
+    assert (sent["accepted"], sent["bounced"]) == (1, 0)
 
     delivered = list(mailbox.Maildir(sink.sink_maildir, create=False))
     to_new = [m for m in delivered if NEW_ADDRESS in m["X-Sink-Rcpt"]]
     assert len(to_new) == 1
     with sessions() as session:
         resend = session.scalars(select(Message).where(Message.case_id == case_id)).one()
+        # The attempt belongs to the run of the drop that brought the statement.
         assert (resend.attempt, resend.run_id, resend.recipient, resend.state) == (
             2,
-            second_run,
+            first_run,
             NEW_ADDRESS,
             MessageState.ACCEPTED,
         )

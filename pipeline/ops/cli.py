@@ -18,7 +18,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.config import Settings, load_settings
 from pipeline.ops.console.auth import Role
 from pipeline.returns.cases import CHANNELS
-from pipeline.runner import STAGES, finish_run, run_all, run_stage, start_run
+from pipeline.runner import (
+    STAGES,
+    deliver,
+    finish_run,
+    intake,
+    returns,
+    run_all,
+    run_stage,
+    start_run,
+)
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -84,6 +93,31 @@ def run(settings: Settings, drop: Path) -> None:
     run_id, summary = run_all(settings, drop, progress)
     _print_counts(run_id, summary)
     _print_datasets(settings)
+
+
+@main.command("intake")
+@click.argument("drop", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.pass_obj
+def intake_command(settings: Settings, drop: Path) -> None:
+    """Take in DROP up to planned messages (ingest, validate, statements, render, plan);
+    `eob deliver` sends them when they are due."""
+    run_id, summary = intake(settings, drop, progress)
+    _print_counts(run_id, summary)
+
+
+@main.command("deliver")
+@click.pass_obj
+def deliver_command(settings: Settings) -> None:
+    """Send every message that is due now, whatever run planned it: first attempts whose day
+    has come, retries, approved resends, acknowledged requeues."""
+    _print_counts("deliver", deliver(settings, progress))
+
+
+@main.command("returns")
+@click.pass_obj
+def returns_command(settings: Settings) -> None:
+    """Collect the return path, reconcile bounces, raise alerts, plan approved resends."""
+    _print_counts("returns", returns(settings, progress))
 
 
 @main.command()

@@ -22,7 +22,7 @@ from pipeline.delivery.policy import DEFAULT_PROVIDER, SendingPolicy
 from pipeline.delivery.shaping import recipient_domain
 from pipeline.errors import LedgerError
 from pipeline.records.ledger import audit, is_suppressed
-from pipeline.records.ledger.models import Incident, Message, ResendCase
+from pipeline.records.ledger.models import Incident, Message, ResendCase, Statement
 from pipeline.records.ledger.states import CaseState, transition_case
 
 CHANNELS = ("phone", "secure_sms", "portal", "mail")
@@ -148,7 +148,6 @@ def open_incident(
 
 def plan_approved_resends(
     session: Session,
-    run_id: str,
     policy: SendingPolicy,
     *,
     providers_of: Callable[[list[str]], Mapping[str, str]] | None = None,
@@ -183,7 +182,7 @@ def plan_approved_resends(
         )
         for case, address in sendable
     ]
-    for message in plan_attempts(session, wanted, run_id, policy):
+    for message in plan_attempts(session, wanted, policy):
         assert message.case_id is not None
         case = get_case(session, message.case_id)
         attempt = message.attempt
@@ -212,9 +211,10 @@ class NewAttempt:
 
 
 def plan_attempts(
-    session: Session, wanted: Sequence[NewAttempt], run_id: str, policy: SendingPolicy
+    session: Session, wanted: Sequence[NewAttempt], policy: SendingPolicy
 ) -> list[Message]:
-    """New message rows, each its statement's next attempt, planned in `run_id` by the same
+    """New message rows, each its statement's next attempt, in the run of the drop that brought
+    the statement (whenever it is planned, an attempt belongs to that intake), by the same
     planner as first attempts: an IP and a send day within the warm-up caps, counting what is
     already planned (a new attempt may go out over another IP than the one that failed, or
     spill to a later day)."""
@@ -225,10 +225,17 @@ def plan_attempts(
             .group_by(Message.statement_id)
         ).all()
     )
-    new_messages = []
+    runs = dict(
+        session.execute(
+            select(Statement.statement_id, Statement.run_id).where(
+                Statement.statement_id.in_({item.statement_id for item in wanted})
+            )
+        ).all()
+    )
+    by_run: dict[str, list[NewMessage]] = {}
     for item in wanted:
         attempt = latest.get(item.statement_id, 0) + 1
-        new_messages.append(
+        by_run.setdefault(runs[item.statement_id], []).append(
             NewMessage(
                 f"{item.statement_id}:{attempt}",
                 item.statement_id,
@@ -238,7 +245,12 @@ def plan_attempts(
                 item.case_id,
             )
         )
-    return add_planned_messages(session, new_messages, run_id, policy, datetime.now(UTC).date())
+    today = datetime.now(UTC).date()
+    return [
+        message
+        for run_id, new_messages in by_run.items()
+        for message in add_planned_messages(session, new_messages, run_id, policy, today)
+    ]
 
 
 def reopen_after_bounce(

@@ -54,6 +54,7 @@ class Policy:
     rate_warn: float = 0.02
     rate_pause: float = 0.05
     rate_min_sent: int = 20
+    rate_window: timedelta = timedelta(hours=24)
     cases: cases.CasePolicy = cases.CasePolicy()
     misdelivery: re.Pattern[str] = re.compile(r"not me", re.IGNORECASE)
 
@@ -68,6 +69,7 @@ def load_policy(path: Path = POLICY_FILE) -> Policy:
             rate_warn=float(rate["warn"]),
             rate_pause=float(rate["pause"]),
             rate_min_sent=int(rate["min_sent"]),
+            rate_window=timedelta(hours=float(rate["window_hours"])),
             cases=cases.CasePolicy(
                 require_different_approver=bool(case["require_different_approver"]),
                 max_failures=int(case["max_failures"]),
@@ -256,25 +258,48 @@ def _raise_alert(
     return alert
 
 
-def monitor_bounce_rates(session: Session, run_id: str, policy: Policy) -> dict[str, int]:
-    """Failure share per sending IP and provider of a run; warn or pause over the thresholds."""
+def monitor_bounce_rates(
+    session: Session, policy: Policy, now: datetime | None = None
+) -> dict[str, int]:
+    """Failure share per sending IP and provider over the messages whose outcome came within
+    the policy's window; warn or pause over the thresholds. The returns loop runs this on its
+    own schedule, so it is not scoped to a run: a drop's sends spread over days. Outcomes from
+    before a route's last acknowledged rate alert do not count again, so an acknowledged pause
+    is not raised again by the evidence that raised it."""
+    since = (now or datetime.now(UTC)) - policy.rate_window
     sent_states = (MessageState.ACCEPTED, MessageState.BOUNCED, MessageState.DELIVERED)
     messages = session.scalars(
-        select(Message).where(Message.run_id == run_id, Message.state.in_(sent_states))
+        select(Message).where(Message.state.in_(sent_states), Message.updated_at >= since)
     ).all()
-    # Only this run's failures: the ledger's whole bounce history is not needed to count them.
     failed_ids = set(
         session.scalars(
             select(Bounce.message_id)
             .join(Message, Message.message_id == Bounce.message_id)
-            .where(Message.run_id == run_id, Bounce.bounce_class.in_([str(c) for c in FAILURES]))
+            .where(
+                Message.updated_at >= since,
+                Bounce.bounce_class.in_([str(c) for c in FAILURES]),
+            )
         )
     )
+    rows = session.execute(
+        select(
+            DeliverabilityAlert.source_ip,
+            DeliverabilityAlert.provider,
+            func.max(DeliverabilityAlert.acknowledged_at),
+        )
+        .where(
+            DeliverabilityAlert.kind.in_(["bounce_rate_warn", "bounce_rate_pause"]),
+            DeliverabilityAlert.acknowledged_at.is_not(None),
+        )
+        .group_by(DeliverabilityAlert.source_ip, DeliverabilityAlert.provider)
+    )
+    acknowledged = {(ip, provider): _aware(at) for ip, provider, at in rows if at is not None}
     groups: dict[tuple[str, str], list[Message]] = {}
     for message in messages:
-        groups.setdefault((message.source_ip, recipient_domain(message.recipient)), []).append(
-            message
-        )
+        route = (message.source_ip, recipient_domain(message.recipient))
+        after = acknowledged.get(route)
+        if after is None or _aware(message.updated_at) > after:
+            groups.setdefault(route, []).append(message)
     counts = {"warn": 0, "pause": 0}
     for batch in groups.values():
         if len(batch) < policy.rate_min_sent:
@@ -288,11 +313,15 @@ def monitor_bounce_rates(session: Session, run_id: str, policy: Policy) -> dict[
     return counts
 
 
-def acknowledge_alert(
-    session: Session, alert_id: int, *, actor: str, run_id: str, policy: SendingPolicy
-) -> int:
-    """Operations acknowledged the alert: policy-blocked messages are planned again in `run_id`
-    (same address: it is not in doubt). Returns how many were requeued."""
+def _aware(at: datetime) -> datetime:
+    # SQLite hands back naive datetimes; the ledger writes UTC.
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def acknowledge_alert(session: Session, alert_id: int, *, actor: str, policy: SendingPolicy) -> int:
+    """Operations acknowledged the alert: policy-blocked messages are planned again (same
+    address: it is not in doubt); the next deliver pass sends them. Returns how many were
+    requeued."""
     alert = session.get(DeliverabilityAlert, alert_id)
     if alert is None or alert.acknowledged_at is not None:
         raise cases.CaseActionRefused(f"alert {alert_id}: not found or already acknowledged")
@@ -325,7 +354,7 @@ def acknowledge_alert(
                 old.statement_id, old.recipient, old.case_id, old.provider or DEFAULT_PROVIDER
             )
         )
-    requeued = len(cases.plan_attempts(session, requeue, run_id, policy))
+    requeued = len(cases.plan_attempts(session, requeue, policy))
     audit(
         session,
         "policy_block_requeued",

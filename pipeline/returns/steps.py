@@ -13,7 +13,7 @@ from pipeline.records.ledger.models import (
     Bounce,
     Message,
 )
-from pipeline.records.run_context import LedgerContext, RunContext
+from pipeline.records.run_context import LedgerContext
 from pipeline.returns import bounces, cases, collect, reconcile
 
 
@@ -66,24 +66,23 @@ def _record_report(session: Session, report: bounces.BounceReport, sha256: str) 
     return message_id is not None
 
 
-def reconcile_bounces(ctx: RunContext) -> dict[str, int]:
+def reconcile_bounces(ctx: LedgerContext) -> dict[str, int]:
     policy = reconcile.load_policy()
     counts = {"bounces": 0, "resend_cases_opened": 0}
     with ctx.sessions.begin() as session:
         for bounce in session.scalars(select(Bounce).where(Bounce.reconciled.is_(False))).all():
             counts["bounces"] += 1
             counts["resend_cases_opened"] += reconcile.reconcile_bounce(session, bounce, policy)
-        rates = reconcile.monitor_bounce_rates(session, ctx.run_id, policy)
+        rates = reconcile.monitor_bounce_rates(session, policy)
     return counts | {f"bounce_rate_{level}": n for level, n in rates.items()}
 
 
-def plan_resends(ctx: RunContext) -> dict[str, int]:
+def plan_resends(ctx: LedgerContext) -> dict[str, int]:
     """Approved verify-before-resend cases become new attempts (delivery's planner)."""
     policy = policy_for(ctx.settings)
     with ctx.sessions.begin() as session:
         planned = cases.plan_approved_resends(
             session,
-            ctx.run_id,
             policy,
             providers_of=lambda addresses: providers_of(policy, addresses),
         )

@@ -37,7 +37,6 @@ from pipeline.records.ledger.models import (
     Incident,
     Message,
     ResendCase,
-    Run,
     StateTransition,
 )
 from pipeline.records.ledger.states import CaseState
@@ -318,16 +317,9 @@ def create_app(
     ) -> Response:
         check_csrf(request, csrf)
         require_role(user, "ack", "alert", str(alert_id))
-        latest = session.scalar(select(Run.run_id).order_by(Run.started_at.desc()).limit(1))
-        if latest is None:
-            raise HTTPException(409, "no run to requeue into")
         try:
             reconcile.acknowledge_alert(
-                session,
-                alert_id,
-                actor=user.username,
-                run_id=latest,
-                policy=policy_for(settings),
+                session, alert_id, actor=user.username, policy=policy_for(settings)
             )
         except cases.CaseActionRefused as err:
             raise HTTPException(409, str(err)) from err
