@@ -32,7 +32,7 @@ from pipeline.records.ledger.models import AuditEvent, Bounce, Message, ResendCa
 from pipeline.records.ledger.states import CaseState, MessageState
 from pipeline.returns import cases, reconcile
 from pipeline.returns.collect import Archive
-from pipeline.runner import STAGES, finish_run, run_stage, start_run
+from pipeline.runner import STAGES, deliver, finish_run, returns, run_stage, start_run
 from tests.conftest import sample_drop, wait_for_listener
 
 POSTFIX = "/usr/sbin/postfix"
@@ -206,7 +206,7 @@ def test_postfix_dsn_to_resend(postfix: PostfixInstance, returnpath_base: Path, 
     )
     drop = sample_drop(tmp_path)
     maildir = settings.return_path_maildir
-    _run(settings, drop, before_bounces=lambda: _wait_for_reports(maildir, len(REJECTED)))
+    first = _run(settings, drop, before_bounces=lambda: _wait_for_reports(maildir, len(REJECTED)))
 
     # Postfix, not our code, wrote these reports. Once processed they are gone from the
     # maildir; their encrypted archive copies are the record.
@@ -245,7 +245,9 @@ def test_postfix_dsn_to_resend(postfix: PostfixInstance, returnpath_base: Path, 
         cases.approve(session, case_id, actor="bob")
     accepted_before = len(postfix.next_hop.received)
 
-    second = _run(settings, drop)
+    # No new drop: the returns loop plans the approved resend, the deliver loop sends it.
+    assert returns(settings)["resends_planned"] == 1
+    deliver(settings)
     # Relayed once by Postfix to the next hop, to the verified address only.
     deadline = time.monotonic() + 30
     while len(postfix.next_hop.received) == accepted_before and time.monotonic() < deadline:
@@ -254,7 +256,7 @@ def test_postfix_dsn_to_resend(postfix: PostfixInstance, returnpath_base: Path, 
     assert [rcpts for _, rcpts, _ in new] == [[NEW_ADDRESS]]
     with sessions() as session:
         resend = session.scalars(select(Message).where(Message.case_id == case_id)).one()
-        assert (resend.run_id, resend.attempt, resend.state) == (second, 2, MessageState.ACCEPTED)
+        assert (resend.run_id, resend.attempt, resend.state) == (first, 2, MessageState.ACCEPTED)
         assert f"{resend.message_id}@".encode() in new[0][2]
         assert session.get_one(ResendCase, case_id).state == CaseState.RESENT
         actions = {e.action for e in session.scalars(select(AuditEvent))}
