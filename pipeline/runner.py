@@ -40,6 +40,7 @@ from pipeline.records.run_context import (
     no_progress,
 )
 from pipeline.returns.steps import collect_bounces, plan_resends, reconcile_bounces
+from pipeline.stages import INTAKE_STAGES, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,7 @@ _STEPS: dict[str, Callable[[RunContext], dict[str, int]]] = {
     "reconcile": reconcile_bounces,
     "datasets": write_datasets,
 }
-STAGES = tuple(_STEPS)
-# `eob intake DROP`: a run of one drop, up to planned messages.
-INTAKE_STAGES = ("ingest", "validate", "statements", "render", "plan")
+assert tuple(_STEPS) == STAGES, "pipeline.stages names every step, in order"
 # The due-work loops, not scoped to a run: each pass picks up what is due from every run.
 _DELIVER_STEPS: tuple[Callable[[LedgerContext], dict[str, int]], ...] = (send_due,)
 _RETURNS_STEPS: tuple[Callable[[LedgerContext], dict[str, int]], ...] = (

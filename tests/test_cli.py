@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from click.testing import CliRunner
 
 from pipeline.ops.cli import main
@@ -61,3 +64,21 @@ def test_review_commands_work_the_case(tmp_path, monkeypatch):
         assert session.get_one(ResendCase, case_id).approved_by == "bob"
         user = session.scalars(select(ConsoleUser)).one()
         assert user.role == "viewer" and "password" not in user.password_hash
+
+
+_HEAVY = ("pandas", "pyarrow", "sqlalchemy", "great_expectations", "reportlab")
+
+
+def test_help_imports_no_heavy_library():
+    # A fresh interpreter: this test process has imported everything already.
+    probe = (
+        "import sys, time; started = time.perf_counter(); import pipeline.ops.cli; "
+        "from click.testing import CliRunner; "
+        "assert CliRunner().invoke(pipeline.ops.cli.main, ['--help']).exit_code == 0; "
+        "print(round(time.perf_counter() - started, 2)); "
+        f"print(' '.join(m for m in {_HEAVY!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    seconds, heavy = (done.stdout.splitlines() + [""])[:2]
+    print(f"import pipeline.ops.cli and --help: {seconds} s")
+    assert heavy == ""

@@ -6,35 +6,43 @@ import logging
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from importlib import import_module
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import track as rich_track
 from rich.table import Table
-from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import Settings, load_settings
-from pipeline.ops.console.auth import Role
-from pipeline.returns.cases import CHANNELS
-from pipeline.runner import (
-    STAGES,
-    deliver,
-    finish_run,
-    intake,
-    returns,
-    run_all,
-    run_stage,
-    start_run,
-)
+from pipeline.stages import STAGES
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+# Heavy libraries (pandas, pyarrow, SQLAlchemy, Great Expectations, reportlab) are imported
+# inside the commands that use them: `eob --help` and a mistyped command stay instant.
 T = TypeVar("T")
 console = Console(stderr=True)
 
 
 def progress(items: Iterable[T], description: str, total: int) -> Iterable[T]:
+    from rich.progress import track as rich_track
+
     return rich_track(items, description=description, total=total, console=console, transient=True)
+
+
+class LazyChoice(click.ParamType[str, Any]):
+    """A choice among the values of `module.attribute`, imported only when a value is checked."""
+
+    name = "choice"
+
+    def __init__(self, module: str, attribute: str) -> None:
+        self.module, self.attribute = module, attribute
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        choices = [str(choice) for choice in getattr(import_module(self.module), self.attribute)]
+        return click.Choice(choices).convert(value, param, ctx)
 
 
 @click.group()
@@ -61,12 +69,16 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
 @click.pass_obj
 def start(settings: Settings, drop: Path) -> None:
     """Start a run on DROP (a landing folder of <insurer>/<file>) and print its id."""
+    from pipeline.runner import start_run
+
     click.echo(start_run(settings, drop))
 
 
 def _stage_command(stage: str) -> click.Command:
     @click.pass_obj
     def command(settings: Settings, run_id: str) -> None:
+        from pipeline.runner import run_stage
+
         _print_counts(stage, run_stage(settings, run_id, stage, progress))
 
     command.__doc__ = f"Run the {stage} stage of RUN_ID."
@@ -82,6 +94,8 @@ for _stage in STAGES:
 @click.pass_obj
 def finish(settings: Settings, run_id: str) -> None:
     """Mark RUN_ID finished and print its summary."""
+    from pipeline.runner import finish_run
+
     _print_counts(run_id, finish_run(settings, run_id))
 
 
@@ -90,6 +104,8 @@ def finish(settings: Settings, run_id: str) -> None:
 @click.pass_obj
 def run(settings: Settings, drop: Path) -> None:
     """Run every stage on DROP."""
+    from pipeline.runner import run_all
+
     run_id, summary = run_all(settings, drop, progress)
     _print_counts(run_id, summary)
     _print_datasets(settings)
@@ -101,6 +117,8 @@ def run(settings: Settings, drop: Path) -> None:
 def intake_command(settings: Settings, drop: Path) -> None:
     """Take in DROP up to planned messages (ingest, validate, statements, render, plan);
     `eob deliver` sends them when they are due."""
+    from pipeline.runner import intake
+
     run_id, summary = intake(settings, drop, progress)
     _print_counts(run_id, summary)
 
@@ -110,6 +128,8 @@ def intake_command(settings: Settings, drop: Path) -> None:
 def deliver_command(settings: Settings) -> None:
     """Send every message that is due now, whatever run planned it: first attempts whose day
     has come, retries, approved resends, acknowledged requeues."""
+    from pipeline.runner import deliver
+
     _print_counts("deliver", deliver(settings, progress))
 
 
@@ -117,6 +137,8 @@ def deliver_command(settings: Settings) -> None:
 @click.pass_obj
 def returns_command(settings: Settings) -> None:
     """Collect the return path, reconcile bounces, raise alerts, plan approved resends."""
+    from pipeline.runner import returns
+
     _print_counts("returns", returns(settings, progress))
 
 
@@ -271,7 +293,7 @@ def review_list(settings: Settings, state: str) -> None:
 @review.command("verify")
 @click.argument("case_id")
 @click.option("--actor", required=True, help="Who verified.")
-@click.option("--channel", required=True, type=click.Choice(CHANNELS))
+@click.option("--channel", required=True, type=LazyChoice("pipeline.returns.cases", "CHANNELS"))
 @click.option("--evidence", required=True, help="Evidence note (no PHI beyond the task).")
 @click.option("--address", required=True, help="The verified address, same or new.")
 @click.pass_obj
@@ -331,7 +353,7 @@ def review_close(settings: Settings, case_id: str, actor: str, reason: str) -> N
 
 @review.command("add-user")
 @click.argument("username")
-@click.option("--role", required=True, type=click.Choice([role.value for role in Role]))
+@click.option("--role", required=True, type=LazyChoice("pipeline.ops.console.auth", "Role"))
 @click.option("--actor", required=True, help="Who adds the user.")
 @click.password_option()
 @click.pass_obj
