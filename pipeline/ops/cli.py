@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import Settings, load_settings
+from pipeline.ops.exits import Attention, EobGroup
 from pipeline.stages import STAGES
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class LazyChoice(click.ParamType[str, Any]):
         return click.Choice(choices).convert(value, param, ctx)
 
 
-@click.group()
+@click.group(cls=EobGroup)
 @click.option(
     "--config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -103,12 +104,46 @@ def finish(settings: Settings, run_id: str) -> None:
 @click.argument("drop", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.pass_obj
 def run(settings: Settings, drop: Path) -> None:
-    """Run every stage on DROP."""
+    """Run every stage on DROP (refused while an earlier run of DROP is unfinished)."""
     from pipeline.runner import run_all
 
     run_id, summary = run_all(settings, drop, progress)
     _print_counts(run_id, summary)
     _print_datasets(settings)
+    _attention(settings, summary, routes=True)
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_obj
+def resume(settings: Settings, run_id: str) -> None:
+    """Finish unfinished RUN_ID: the stages after its last completed one, then its summary."""
+    from pipeline.runner import resume as resume_run
+
+    _, summary = resume_run(settings, run_id, progress)
+    _print_counts(run_id, summary)
+    _attention(settings, summary, routes=True)
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True, help="How many runs, newest first.")
+@click.pass_obj
+def runs(settings: Settings, limit: int) -> None:
+    """List runs: drop, start, finish, last completed stage, and what is pending."""
+    from pipeline.ops.runs import run_statuses
+
+    table = Table("run", "drop", "started", "finished", "last stage", "pending")
+    with _ledger(settings)() as session:
+        for run in run_statuses(session, limit):
+            table.add_row(
+                run.run_id,
+                run.drop,
+                f"{run.started_at:%Y-%m-%d %H:%M}",
+                f"{run.finished_at:%Y-%m-%d %H:%M}" if run.finished_at else "no",
+                run.last_stage or "-",
+                "; ".join(run.pending) or "-",
+            )
+    Console().print(table)
 
 
 @main.command("intake")
@@ -116,11 +151,13 @@ def run(settings: Settings, drop: Path) -> None:
 @click.pass_obj
 def intake_command(settings: Settings, drop: Path) -> None:
     """Take in DROP up to planned messages (ingest, validate, statements, render, plan);
-    `eob deliver` sends them when they are due."""
+    `eob deliver` sends them when they are due. Refused while an earlier run of DROP is
+    unfinished: `eob resume` finishes it."""
     from pipeline.runner import intake
 
     run_id, summary = intake(settings, drop, progress)
     _print_counts(run_id, summary)
+    _attention(settings, summary, routes=False)
 
 
 @main.command("deliver")
@@ -130,7 +167,9 @@ def deliver_command(settings: Settings) -> None:
     has come, retries, approved resends, acknowledged requeues."""
     from pipeline.runner import deliver
 
-    _print_counts("deliver", deliver(settings, progress))
+    counts = deliver(settings, progress)
+    _print_counts("deliver", counts)
+    _attention(settings, counts, routes=True)
 
 
 @main.command("returns")
@@ -139,7 +178,9 @@ def returns_command(settings: Settings) -> None:
     """Collect the return path, reconcile bounces, raise alerts, plan approved resends."""
     from pipeline.runner import returns
 
-    _print_counts("returns", returns(settings, progress))
+    counts = returns(settings, progress)
+    _print_counts("returns", counts)
+    _attention(settings, counts, routes=True)
 
 
 @main.command()
@@ -237,6 +278,24 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
     for name, value in counts.items():
         table.add_row(name.replace("_", " "), str(value))
     Console().print(table)
+
+
+def _attention(settings: Settings, counts: dict[str, int], *, routes: bool) -> None:
+    """Exit 1 when the work is done but something needs the operator."""
+    problems = []
+    if counts.get("files_rejected"):
+        problems.append(f"{counts['files_rejected']} files rejected (reports in the outbox)")
+    if counts.get("expired"):
+        problems.append(f"{counts['expired']} messages expired")
+    if routes:
+        from pipeline.records.ledger import paused_routes
+
+        with _ledger(settings)() as session:
+            paused = len(paused_routes(session))
+        if paused:
+            problems.append(f"{paused} routes paused (acknowledge the alert in the console)")
+    if problems:
+        raise Attention("; ".join(problems))
 
 
 def _print_datasets(settings: Settings) -> None:
