@@ -17,9 +17,13 @@ from tests.conftest import sample_drop
 
 @pytest.fixture
 def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    for name, value in {"EOB_DATA_DIR": str(settings.data_dir),
-                        "EOB_DATABASE_URL": settings.ledger_url,
-                        "EOB_SMTP_PORT": str(settings.smtp_port), "COLUMNS": "300"}.items():  # fmt: skip
+    environment = {
+        "EOB_DATA_DIR": str(settings.data_dir),
+        "EOB_DATABASE_URL": settings.ledger_url,
+        "EOB_SMTP_PORT": str(settings.smtp_port),
+        "COLUMNS": "300",  # one table row per line
+    }
+    for name, value in environment.items():
         monkeypatch.setenv(name, value)
     return CliRunner()
 
