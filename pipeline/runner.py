@@ -22,6 +22,7 @@ from pipeline.delivery.steps import plan_messages, send_due
 from pipeline.documents.steps import build_run_statements, render_pdfs
 from pipeline.errors import RunRefused, UnknownRun
 from pipeline.intake.steps import ingest_files, validate_files
+from pipeline.preflight import preflight
 from pipeline.records.datasets import write_datasets
 from pipeline.records.ledger import audit
 from pipeline.records.ledger.models import (
@@ -123,6 +124,7 @@ def run_all(
     settings: Settings, drop: Path, track: Track[object] = no_progress
 ) -> tuple[str, dict[str, int]]:
     """Every stage once on `drop`: the demo, and small installations without the loops."""
+    preflight(settings, STAGES, drop)
     return _run(settings, _new_run(settings, drop, STAGES), STAGES, track)
 
 
@@ -130,6 +132,7 @@ def intake(
     settings: Settings, drop: Path, track: Track[object] = no_progress
 ) -> tuple[str, dict[str, int]]:
     """One drop from its files to planned messages; the deliver loop sends them."""
+    preflight(settings, INTAKE_STAGES, drop)
     return _run(settings, _new_run(settings, drop, INTAKE_STAGES), INTAKE_STAGES, track)
 
 
@@ -138,10 +141,12 @@ def resume(
 ) -> tuple[str, dict[str, int]]:
     """Finish an unfinished run: the stages after its last completed one (steps are idempotent,
     so redoing the one a crash interrupted is safe)."""
-    return _run(settings, run_id, _stages_to_resume(settings, run_id), track)
+    stages, drop = _stages_to_resume(settings, run_id)
+    preflight(settings, stages, drop)
+    return _run(settings, run_id, stages, track)
 
 
-def _stages_to_resume(settings: Settings, run_id: str) -> tuple[str, ...]:
+def _stages_to_resume(settings: Settings, run_id: str) -> tuple[tuple[str, ...], Path]:
     with ledger_sessions(settings.ledger_url)() as session:
         run = session.get(Run, run_id)
         if run is None:
@@ -149,9 +154,8 @@ def _stages_to_resume(settings: Settings, run_id: str) -> tuple[str, ...]:
         if run.finished_at is not None:
             raise RunRefused(f"run {run_id} is finished: nothing to resume")
         rows = session.scalars(select(RunStage).where(RunStage.run_id == run_id)).all()
-    return stages_left(
-        {row.stage for row in rows}, {row.stage for row in rows if row.completed_at is not None}
-    )
+    completed = {row.stage for row in rows if row.completed_at is not None}
+    return stages_left({row.stage for row in rows}, completed), Path(run.drop)
 
 
 def _new_run(settings: Settings, drop: Path, stages: Sequence[str]) -> str:
@@ -230,6 +234,7 @@ def _loop_pass(
     steps: tuple[LoopStep, ...],
     track: Track[object],
 ) -> dict[str, int]:
+    preflight(settings, [stage for stage, _ in steps])
     context = LedgerContext(settings, ledger_sessions(settings.ledger_url), track=track)
     counts: dict[str, int] = {}
     for stage, step in steps:

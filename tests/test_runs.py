@@ -16,7 +16,8 @@ from tests.conftest import sample_drop
 
 
 @pytest.fixture
-def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+def cli(sink: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    settings = sink  # `eob run` checks the sink's CA file before anything else
     environment = {
         "EOB_DATA_DIR": str(settings.data_dir),
         "EOB_DATABASE_URL": settings.ledger_url,
