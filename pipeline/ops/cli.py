@@ -62,6 +62,8 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
     )
     # Great Expectations narrates its own start-up at INFO (hundreds of lines per run).
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # Alembic names its plugins and dialect on every start; -v shows them.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
     ctx.obj = load_settings(config)
 
 
