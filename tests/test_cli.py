@@ -152,8 +152,8 @@ def test_exit_3_names_the_stage_and_error_type_only(settings, tmp_path, monkeypa
 
 def test_exit_3_traceback_only_with_verbose(tmp_path):
     # A database that does not exist: an unexpected error, not a configuration one.
-    environment = {**os.environ, "EOB_DATA_DIR": str(tmp_path),
-                   "EOB_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/eob_absent"}  # fmt: skip
+    absent = "postgresql+psycopg://postgres@127.0.0.1:5432/eob_absent"
+    environment = {**os.environ, "EOB_DATA_DIR": str(tmp_path), "EOB_DATABASE_URL": absent}
     eob = [sys.executable, "-m", "pipeline"]
     quiet = subprocess.run([*eob, "runs"], capture_output=True, text=True, env=environment)
     assert quiet.returncode == 3
