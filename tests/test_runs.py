@@ -86,3 +86,31 @@ def test_stage_by_stage_records_each_completed_stage(cli: CliRunner, tmp_path):
     assert cli.invoke(main, ["ingest", run_id]).exit_code == 0
     row = next(line for line in cli.invoke(main, ["runs"]).output.splitlines() if run_id in line)
     assert "ingest" in row and "no" in row
+
+
+def test_returns_every_runs_passes_until_sigterm_then_exits_0(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    environment = {**os.environ, "EOB_DATA_DIR": str(tmp_path / "data")}
+    environment.pop("EOB_DATABASE_URL", None)
+    loop = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "returns", "--every", "1"],
+        stderr=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    try:
+        passes, lines, deadline = 0, [], time.monotonic() + 60
+        while passes < 2 and time.monotonic() < deadline:
+            line = loop.stderr.readline()
+            lines.append(line)
+            passes += "returns pass:" in line
+        assert passes == 2, "".join(lines)
+        loop.send_signal(signal.SIGTERM)
+        rest = loop.communicate(timeout=30)[1]
+    finally:
+        loop.kill()
+    assert loop.returncode == 0, rest
+    assert "Traceback" not in rest

@@ -16,15 +16,19 @@ from rich.table import Table
 
 from pipeline.config import Settings, load_settings
 from pipeline.ops.exits import Attention, EobGroup
+from pipeline.ops.loop import repeat
 from pipeline.stages import STAGES
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
+    from pipeline.records.run_context import Track
+
 # Heavy libraries (pandas, pyarrow, SQLAlchemy, Great Expectations, reportlab) are imported
 # inside the commands that use them: `eob --help` and a mistyped command stay instant.
 T = TypeVar("T")
 console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 
 def progress(items: Iterable[T], description: str, total: int) -> Iterable[T]:
@@ -162,27 +166,58 @@ def intake_command(settings: Settings, drop: Path) -> None:
     _attention(settings, summary, routes=False)
 
 
+def _every(command: Callable[..., None]) -> Callable[..., None]:
+    return click.option(
+        "--every",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="Repeat: a pass, then wait SECONDS, until SIGTERM or SIGINT (the pass in progress "
+        "finishes, then exit 0).",
+    )(command)
+
+
 @main.command("deliver")
+@_every
 @click.pass_obj
-def deliver_command(settings: Settings) -> None:
+def deliver_command(settings: Settings, every: float | None) -> None:
     """Send every message that is due now, whatever run planned it: first attempts whose day
     has come, retries, approved resends, acknowledged requeues."""
     from pipeline.runner import deliver
 
-    counts = deliver(settings, progress)
-    _print_counts("deliver", counts)
-    _attention(settings, counts, routes=True)
+    _due_work(settings, "deliver", deliver, every)
 
 
 @main.command("returns")
+@_every
 @click.pass_obj
-def returns_command(settings: Settings) -> None:
+def returns_command(settings: Settings, every: float | None) -> None:
     """Collect the return path, reconcile bounces, raise alerts, plan approved resends."""
     from pipeline.runner import returns
 
-    counts = returns(settings, progress)
-    _print_counts("returns", counts)
-    _attention(settings, counts, routes=True)
+    _due_work(settings, "returns", returns, every)
+
+
+def _due_work(
+    settings: Settings,
+    name: str,
+    one_pass: Callable[[Settings, Track[object]], dict[str, int]],
+    every: float | None,
+) -> None:
+    if every is None:
+        counts = one_pass(settings, progress)
+        _print_counts(name, counts)
+        if problems := _problems(settings, counts, routes=True):
+            raise Attention("; ".join(problems))
+        return
+
+    from pipeline.records.run_context import no_progress
+
+    def logged_pass() -> None:
+        # A loop's passes go to the log (the pass's counts are logged by the runner).
+        for problem in _problems(settings, one_pass(settings, no_progress), routes=True):
+            log.warning("%s: %s", name, problem)
+
+    repeat(logged_pass, every)
 
 
 @main.command()
@@ -284,6 +319,11 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
 
 def _attention(settings: Settings, counts: dict[str, int], *, routes: bool) -> None:
     """Exit 1 when the work is done but something needs the operator."""
+    if problems := _problems(settings, counts, routes=routes):
+        raise Attention("; ".join(problems))
+
+
+def _problems(settings: Settings, counts: dict[str, int], *, routes: bool) -> list[str]:
     problems = []
     if counts.get("files_rejected"):
         problems.append(f"{counts['files_rejected']} files rejected (reports in the outbox)")
@@ -296,8 +336,7 @@ def _attention(settings: Settings, counts: dict[str, int], *, routes: bool) -> N
             paused = len(paused_routes(session))
         if paused:
             problems.append(f"{paused} routes paused (acknowledge the alert in the console)")
-    if problems:
-        raise Attention("; ".join(problems))
+    return problems
 
 
 def _print_datasets(settings: Settings) -> None:
