@@ -114,3 +114,11 @@ def test_returns_every_runs_passes_until_sigterm_then_exits_0(tmp_path):
         loop.kill()
     assert loop.returncode == 0, rest
     assert "Traceback" not in rest
+
+
+def test_a_finished_run_is_not_resumed(cli: CliRunner, tmp_path):
+    run_id = cli.invoke(main, ["start", str(sample_drop(tmp_path))]).output.strip()
+    assert cli.invoke(main, ["finish", run_id]).exit_code == 0
+    refused = cli.invoke(main, ["resume", run_id])
+    assert refused.exit_code == 2
+    assert refused.output.strip() == f"eob: run {run_id} is finished: nothing to resume"
