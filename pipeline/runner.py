@@ -1,5 +1,7 @@
-"""The order of intake's stages and a run's start, finish and summary, nothing else.
+"""A run's start, stages, resume, finish and summary, and the due-work passes; nothing else.
 
+A run records the stages it is to do and each one it completed (`run_stages`), so a crashed
+run is resumed, not forgotten. Each command checks what its stages need first (preflight).
 Each stage family binds its own steps to the ledger (`intake.steps`, `documents.steps`, …);
 every step is idempotent for its run: a rerun does no duplicate work and sends nothing twice.
 Steps return counts only (safe for logs and Airflow XComs: no PHI).
