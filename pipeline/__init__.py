@@ -19,10 +19,22 @@ from pipeline.errors import (
     IllegalTransition,
     InputError,
     LedgerError,
+    RunRefused,
     TlsRequired,
+    UnknownRun,
 )
 
-_RUNNER_NAMES = ("STAGES", "start_run", "run_stage", "finish_run", "run_all")
+_RUNNER_NAMES = (
+    "STAGES",
+    "start_run",
+    "run_stage",
+    "finish_run",
+    "run_all",
+    "intake",
+    "deliver",
+    "returns",
+    "resume",
+)
 
 __all__ = [
     "AccountingError",
@@ -33,8 +45,10 @@ __all__ = [
     "IllegalTransition",
     "InputError",
     "LedgerError",
+    "RunRefused",
     "Settings",
     "TlsRequired",
+    "UnknownRun",
     "load_settings",
     *_RUNNER_NAMES,
 ]

@@ -10,6 +10,8 @@ record: values are PHI.
   x AccountingError        rows in != rows accepted + rows quarantined
   x LedgerError
     + IllegalTransition    a state change the state machine forbids
+    + UnknownRun           a run id the ledger does not have
+    + RunRefused           a run cannot start or resume now (names the run and what to do)
   x DeliveryError          a message could not be handed to SMTP safely
     + TlsRequired          the receiver offered no usable TLS: no PHI was sent
 """
@@ -53,6 +55,17 @@ class IllegalTransition(LedgerError):
         super().__init__(f"{kind} {entity_id}: illegal transition {from_state} -> {to_state}")
         self.from_state = from_state
         self.to_state = to_state
+
+
+class UnknownRun(LedgerError):
+    def __init__(self, run_id: str) -> None:
+        # The id is typed by the operator: escaped, so it cannot forge a line of output.
+        shown = run_id.encode("unicode_escape").decode("ascii")
+        super().__init__(f"unknown run {shown} (`eob runs` lists the runs)")
+
+
+class RunRefused(LedgerError):
+    """A run cannot start or resume now; the message says why and what to do."""
 
 
 class DeliveryError(EobError):

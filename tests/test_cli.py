@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 from click.testing import CliRunner
 
 from pipeline.ops.cli import main
@@ -61,3 +66,100 @@ def test_review_commands_work_the_case(tmp_path, monkeypatch):
         assert session.get_one(ResendCase, case_id).approved_by == "bob"
         user = session.scalars(select(ConsoleUser)).one()
         assert user.role == "viewer" and "password" not in user.password_hash
+
+
+_HEAVY = ("pandas", "pyarrow", "sqlalchemy", "great_expectations", "reportlab")
+
+
+def test_help_imports_no_heavy_library():
+    # A fresh interpreter: this test process has imported everything already.
+    probe = (
+        "import sys, time; started = time.perf_counter(); import pipeline.ops.cli; "
+        "from click.testing import CliRunner; "
+        "assert CliRunner().invoke(pipeline.ops.cli.main, ['--help']).exit_code == 0; "
+        "print(round(time.perf_counter() - started, 2)); "
+        f"print(' '.join(m for m in {_HEAVY!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    seconds, heavy = (done.stdout.splitlines() + [""])[:2]
+    print(f"import pipeline.ops.cli and --help: {seconds} s")
+    assert heavy == ""
+
+
+# Exit codes (README "Command line"): 0 done, 1 done with something for the operator,
+# 2 configuration or usage error (nothing done), 3 failure.
+
+
+def _use(monkeypatch, settings) -> CliRunner:
+    monkeypatch.setenv("EOB_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("EOB_DATABASE_URL", settings.ledger_url)
+    return CliRunner()
+
+
+def test_exit_1_when_a_file_was_rejected(settings, tmp_path, monkeypatch):
+    drop = sample_drop(tmp_path)
+    (drop / "acme" / "claims_broken.csv").write_text("member_id\nA1\n", encoding="utf-8")
+    result = _use(monkeypatch, settings).invoke(main, ["intake", str(drop)])
+    assert result.exit_code == 1, result.output
+    assert "eob: 1 files rejected (reports in the outbox)" in result.output
+
+
+def test_exit_1_while_a_route_is_paused(settings, monkeypatch):
+    from datetime import UTC, datetime
+
+    from pipeline.records.ledger import open_ledger
+    from pipeline.records.ledger.models import DeliverabilityAlert
+
+    with open_ledger(settings.ledger_url).begin() as session:
+        session.add(DeliverabilityAlert(kind="bounce_rate_pause", source_ip="127.0.0.2",
+                                        provider="example.net", count=9, rate=0.2,
+                                        opened_at=datetime.now(UTC)))  # fmt: skip
+    result = _use(monkeypatch, settings).invoke(main, ["returns"])
+    assert result.exit_code == 1, result.output
+    assert "eob: 1 routes paused" in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environment", "line"),
+    [
+        (["runs"], {"EOB_SMTP_PORT": "many"}, "eob: setting smtp_port: expected int"),
+        (["runs"], {"EOB_CONFIG": "/nonexistent/eob.toml"}, "eob: reading /nonexistent/eob.toml"),
+        (["plan"], {}, "Error: Missing argument 'RUN_ID'."),
+    ],
+)
+def test_exit_2_for_a_configuration_or_usage_error(arguments, environment, line, monkeypatch):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2
+    assert line in result.output and "Traceback" not in result.output
+
+
+def test_exit_3_names_the_stage_and_error_type_only(settings, tmp_path, monkeypatch):
+    from pipeline import runner
+
+    def broken(_context):
+        raise RuntimeError("a record value that must not be printed")
+
+    monkeypatch.setitem(runner._STEPS, "validate", broken)
+    result = _use(monkeypatch, settings).invoke(main, ["intake", str(sample_drop(tmp_path))])
+    assert result.exit_code == 3
+    assert result.output.strip().splitlines()[-1] == (
+        "eob: validate failed: RuntimeError (details: eob -v)"
+    )
+    assert "record value" not in result.output
+
+
+def test_exit_3_traceback_only_with_verbose(tmp_path):
+    # A database that does not exist: an unexpected error, not a configuration one.
+    absent = "postgresql+psycopg://postgres@127.0.0.1:5432/eob_absent"
+    environment = {**os.environ, "EOB_DATA_DIR": str(tmp_path), "EOB_DATABASE_URL": absent}
+    eob = [sys.executable, "-m", "pipeline"]
+    quiet = subprocess.run([*eob, "runs"], capture_output=True, text=True, env=environment)
+    assert quiet.returncode == 3
+    assert quiet.stderr.strip().splitlines()[-1:] == [
+        "eob: runs failed: OperationalError (details: eob -v)"
+    ]
+    assert "Traceback" not in quiet.stderr and "eob_absent" not in quiet.stderr
+    verbose = subprocess.run([*eob, "-v", "runs"], capture_output=True, text=True, env=environment)
+    assert verbose.returncode == 3 and "Traceback" in verbose.stderr

@@ -6,38 +6,51 @@ import logging
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from importlib import import_module
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import track as rich_track
 from rich.table import Table
-from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import Settings, load_settings
-from pipeline.ops.console.auth import Role
-from pipeline.returns.cases import CHANNELS
-from pipeline.runner import (
-    STAGES,
-    deliver,
-    finish_run,
-    intake,
-    returns,
-    run_all,
-    run_stage,
-    start_run,
-)
+from pipeline.ops.exits import Attention, EobGroup
+from pipeline.ops.loop import repeat
+from pipeline.stages import STAGES
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from pipeline.records.run_context import Track
+
+# Heavy libraries (pandas, pyarrow, SQLAlchemy, Great Expectations, reportlab) are imported
+# inside the commands that use them: `eob --help` and a mistyped command stay instant.
 T = TypeVar("T")
 console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 
 def progress(items: Iterable[T], description: str, total: int) -> Iterable[T]:
+    from rich.progress import track as rich_track
+
     return rich_track(items, description=description, total=total, console=console, transient=True)
 
 
-@click.group()
+class LazyChoice(click.ParamType[str, Any]):
+    """A choice among the values of `module.attribute`, imported only when a value is checked."""
+
+    name = "choice"
+
+    def __init__(self, module: str, attribute: str) -> None:
+        self.module, self.attribute = module, attribute
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        choices = [str(choice) for choice in getattr(import_module(self.module), self.attribute)]
+        return click.Choice(choices).convert(value, param, ctx)
+
+
+@click.group(cls=EobGroup)
 @click.option(
     "--config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -53,6 +66,8 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
     )
     # Great Expectations narrates its own start-up at INFO (hundreds of lines per run).
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # Alembic names its plugins and dialect on every start; -v shows them.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
     ctx.obj = load_settings(config)
 
 
@@ -61,12 +76,16 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
 @click.pass_obj
 def start(settings: Settings, drop: Path) -> None:
     """Start a run on DROP (a landing folder of <insurer>/<file>) and print its id."""
+    from pipeline.runner import start_run
+
     click.echo(start_run(settings, drop))
 
 
 def _stage_command(stage: str) -> click.Command:
     @click.pass_obj
     def command(settings: Settings, run_id: str) -> None:
+        from pipeline.runner import run_stage
+
         _print_counts(stage, run_stage(settings, run_id, stage, progress))
 
     command.__doc__ = f"Run the {stage} stage of RUN_ID."
@@ -82,6 +101,8 @@ for _stage in STAGES:
 @click.pass_obj
 def finish(settings: Settings, run_id: str) -> None:
     """Mark RUN_ID finished and print its summary."""
+    from pipeline.runner import finish_run
+
     _print_counts(run_id, finish_run(settings, run_id))
 
 
@@ -89,10 +110,46 @@ def finish(settings: Settings, run_id: str) -> None:
 @click.argument("drop", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.pass_obj
 def run(settings: Settings, drop: Path) -> None:
-    """Run every stage on DROP."""
+    """Run every stage on DROP (refused while an earlier run of DROP is unfinished)."""
+    from pipeline.runner import run_all
+
     run_id, summary = run_all(settings, drop, progress)
     _print_counts(run_id, summary)
     _print_datasets(settings)
+    _attention(settings, summary, routes=True)
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_obj
+def resume(settings: Settings, run_id: str) -> None:
+    """Finish unfinished RUN_ID: the stages after its last completed one, then its summary."""
+    from pipeline.runner import resume as resume_run
+
+    _, summary = resume_run(settings, run_id, progress)
+    _print_counts(run_id, summary)
+    _attention(settings, summary, routes=True)
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True, help="How many runs, newest first.")
+@click.pass_obj
+def runs(settings: Settings, limit: int) -> None:
+    """List runs: drop, start, finish, last completed stage, and what is pending."""
+    from pipeline.ops.runs import run_statuses
+
+    table = Table("run", "drop", "started", "finished", "last stage", "pending")
+    with _ledger(settings)() as session:
+        for run in run_statuses(session, limit):
+            table.add_row(
+                run.run_id,
+                run.drop,
+                f"{run.started_at:%Y-%m-%d %H:%M}",
+                f"{run.finished_at:%Y-%m-%d %H:%M}" if run.finished_at else "no",
+                run.last_stage or "-",
+                "; ".join(run.pending) or "-",
+            )
+    Console().print(table)
 
 
 @main.command("intake")
@@ -100,24 +157,67 @@ def run(settings: Settings, drop: Path) -> None:
 @click.pass_obj
 def intake_command(settings: Settings, drop: Path) -> None:
     """Take in DROP up to planned messages (ingest, validate, statements, render, plan);
-    `eob deliver` sends them when they are due."""
+    `eob deliver` sends them when they are due. Refused while an earlier run of DROP is
+    unfinished: `eob resume` finishes it."""
+    from pipeline.runner import intake
+
     run_id, summary = intake(settings, drop, progress)
     _print_counts(run_id, summary)
+    _attention(settings, summary, routes=False)
+
+
+def _every(command: Callable[..., None]) -> Callable[..., None]:
+    return click.option(
+        "--every",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="Repeat: a pass, then wait SECONDS, until SIGTERM or SIGINT (the pass in progress "
+        "finishes, then exit 0).",
+    )(command)
 
 
 @main.command("deliver")
+@_every
 @click.pass_obj
-def deliver_command(settings: Settings) -> None:
+def deliver_command(settings: Settings, every: float | None) -> None:
     """Send every message that is due now, whatever run planned it: first attempts whose day
     has come, retries, approved resends, acknowledged requeues."""
-    _print_counts("deliver", deliver(settings, progress))
+    from pipeline.runner import deliver
+
+    _due_work(settings, "deliver", deliver, every)
 
 
 @main.command("returns")
+@_every
 @click.pass_obj
-def returns_command(settings: Settings) -> None:
+def returns_command(settings: Settings, every: float | None) -> None:
     """Collect the return path, reconcile bounces, raise alerts, plan approved resends."""
-    _print_counts("returns", returns(settings, progress))
+    from pipeline.runner import returns
+
+    _due_work(settings, "returns", returns, every)
+
+
+def _due_work(
+    settings: Settings,
+    name: str,
+    one_pass: Callable[[Settings, Track[object]], dict[str, int]],
+    every: float | None,
+) -> None:
+    if every is None:
+        counts = one_pass(settings, progress)
+        _print_counts(name, counts)
+        if problems := _problems(settings, counts, routes=True):
+            raise Attention("; ".join(problems))
+        return
+
+    from pipeline.records.run_context import no_progress
+
+    def logged_pass() -> None:
+        # A loop's passes go to the log (the pass's counts are logged by the runner).
+        for problem in _problems(settings, one_pass(settings, no_progress), routes=True):
+            log.warning("%s: %s", name, problem)
+
+    repeat(logged_pass, every)
 
 
 @main.command()
@@ -217,6 +317,28 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
     Console().print(table)
 
 
+def _attention(settings: Settings, counts: dict[str, int], *, routes: bool) -> None:
+    """Exit 1 when the work is done but something needs the operator."""
+    if problems := _problems(settings, counts, routes=routes):
+        raise Attention("; ".join(problems))
+
+
+def _problems(settings: Settings, counts: dict[str, int], *, routes: bool) -> list[str]:
+    problems = []
+    if counts.get("files_rejected"):
+        problems.append(f"{counts['files_rejected']} files rejected (reports in the outbox)")
+    if counts.get("expired"):
+        problems.append(f"{counts['expired']} messages expired")
+    if routes:
+        from pipeline.records.ledger import paused_routes
+
+        with _ledger(settings)() as session:
+            paused = len(paused_routes(session))
+        if paused:
+            problems.append(f"{paused} routes paused (acknowledge the alert in the console)")
+    return problems
+
+
 def _print_datasets(settings: Settings) -> None:
     for name in ("delivery_facts", "audit_events"):
         click.echo(f"{name}: {(settings.datasets_dir / name).resolve()}")
@@ -271,7 +393,7 @@ def review_list(settings: Settings, state: str) -> None:
 @review.command("verify")
 @click.argument("case_id")
 @click.option("--actor", required=True, help="Who verified.")
-@click.option("--channel", required=True, type=click.Choice(CHANNELS))
+@click.option("--channel", required=True, type=LazyChoice("pipeline.returns.cases", "CHANNELS"))
 @click.option("--evidence", required=True, help="Evidence note (no PHI beyond the task).")
 @click.option("--address", required=True, help="The verified address, same or new.")
 @click.pass_obj
@@ -331,7 +453,7 @@ def review_close(settings: Settings, case_id: str, actor: str, reason: str) -> N
 
 @review.command("add-user")
 @click.argument("username")
-@click.option("--role", required=True, type=click.Choice([role.value for role in Role]))
+@click.option("--role", required=True, type=LazyChoice("pipeline.ops.console.auth", "Role"))
 @click.option("--actor", required=True, help="Who adds the user.")
 @click.password_option()
 @click.pass_obj

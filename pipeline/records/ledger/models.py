@@ -38,6 +38,16 @@ class Run(Base):
     drop: Mapped[str] = mapped_column(Text)
 
 
+class RunStage(Base):
+    """A stage a run is to do (in the order of pipeline.stages); `completed_at` is set when the
+    stage's step returned. What comes after the last completed one is what `eob resume` does."""
+
+    __tablename__ = "run_stages"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(20), primary_key=True)
+    completed_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
 class InputFile(Base):
     """A claims file, registered once by content hash."""
 
