@@ -8,6 +8,8 @@ name and the message the insurer reads (never a value).
 
 from __future__ import annotations
 
+import calendar
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
@@ -16,15 +18,25 @@ from decimal import Decimal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 CENT = pa.scalar(Decimal("0.01"), pa.decimal128(12, 2))
 ZERO = pa.scalar(Decimal("0.00"), pa.decimal128(12, 2))
-# Plain ASCII addresses this pattern accepts are valid for email-validator too (its limits on
-# length, dots and labels are built in), so only the rest need the library's slower check.
+# The email fast path: an address of at most EMAIL_MAX_LENGTH characters that matches
+# _PLAIN_EMAIL and not _NOT_PLAIN is valid for email-validator too (tests/test_rules.py checks
+# the two agree), so only the rest need the library's slower check. _NOT_PLAIN holds what the
+# library refuses that a regex without look-around (RE2) cannot exclude: a label with "--" in
+# its third and fourth places (reserved, or Punycode the library decodes) and the special-use
+# top-level names (test, local, ...).
+EMAIL_MAX_LENGTH = 254
 _PLAIN_EMAIL = (
     r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,64}(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,64})*"
     r"@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+)
+_NOT_PLAIN = (
+    r"(?i)[@.][a-z0-9]{2}--|\.("
+    + "|".join(re.escape(name) for name in SPECIAL_USE_DOMAIN_NAMES)
+    + ")$"
 )
 # Adjustment reasons: a CARC, with or without its group code (CO-45, 45, PR-1), or a RARC
 # (N130, MA04). FHIR EOBs usually carry the CARC without its group.
@@ -129,16 +141,24 @@ def _bad_adjustment_code(batch: pa.RecordBatch, _run: date) -> pa.Array:
 
 
 class EmailCheck:
-    """Email syntax: a regex fast path for plain addresses, email-validator for the rest.
-    Verdicts are cached per address across the batches of a file."""
+    """Email syntax of ASCII addresses: a regex fast path for plain addresses, email-validator
+    for the rest (the non-ASCII ones fail _needs_smtputf8 instead). Verdicts are cached per
+    address across the batches of a file."""
 
     def __init__(self) -> None:
         self.verdicts: dict[str, bool] = {}
 
     def __call__(self, batch: pa.RecordBatch, _run: date) -> pa.Array:
         email = batch.column("email")
-        plain = pc.fill_null(pc.match_substring_regex(email, _PLAIN_EMAIL), True)
-        others = pc.unique(pc.filter(email, pc.invert(plain))).to_pylist()
+        plain = pc.and_kleene(
+            pc.and_kleene(
+                pc.match_substring_regex(email, _PLAIN_EMAIL),
+                pc.less_equal(pc.utf8_length(email), EMAIL_MAX_LENGTH),
+            ),
+            pc.invert(pc.match_substring_regex(email, _NOT_PLAIN)),
+        )
+        checked = pc.and_(pc.invert(pc.fill_null(plain, True)), pc.string_is_ascii(email))
+        others = pc.unique(pc.filter(email, checked)).to_pylist()
         for address in others:
             if address not in self.verdicts:
                 self.verdicts[address] = _library_accepts(address)
@@ -154,8 +174,19 @@ def _library_accepts(address: str) -> bool:
     return True
 
 
+def _needs_smtputf8(batch: pa.RecordBatch, _run: date) -> pa.Array:
+    # email-validator accepts internationalised addresses, but sending writes ASCII envelopes
+    # and headers and does not use SMTPUTF8: such an address is quarantined with its reason.
+    return pc.invert(pc.fill_null(pc.string_is_ascii(batch.column("email")), True))
+
+
 def _years_before(years: int) -> Callable[[date], date]:
-    return lambda run: run.replace(year=run.year - years)
+    def earliest(run: date) -> date:
+        year = run.year - years
+        # The same day of the year, except that 29 February becomes 28 February.
+        return date(year, run.month, min(run.day, calendar.monthrange(year, run.month)[1]))
+
+    return earliest
 
 
 def claim_line_rules() -> tuple[RowRule, ...]:
@@ -225,7 +256,19 @@ def claim_line_rules() -> tuple[RowRule, ...]:
             "an adjustment code is neither a CARC (45, CO-45) nor a RARC (N130)",
             _bad_adjustment_code,
         ),
+        *_email_rules(),
+    )
+
+
+def _email_rules() -> tuple[RowRule, ...]:
+    return (
         RowRule("email_syntax", "email", "email address is not valid", EmailCheck()),
+        RowRule(
+            "email_smtputf8",
+            "email",
+            "email address needs SMTPUTF8 (it is not ASCII), which sending does not use",
+            _needs_smtputf8,
+        ),
     )
 
 
@@ -237,5 +280,5 @@ def roster_rules() -> tuple[RowRule, ...]:
             "date of birth is in the future or more than 125 years ago",
             _date_out_of_range("date_of_birth", _years_before(125)),
         ),
-        RowRule("email_syntax", "email", "email address is not valid", EmailCheck()),
+        *_email_rules(),
     )
