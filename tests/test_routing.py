@@ -122,7 +122,7 @@ def test_a_domain_with_no_mx_record_but_an_address_is_its_own_host():
         assert routes(router, "v6only.example") == [Route("v6only.example", 25)]
         # No MX and no address either: nowhere to deliver, for good.
         unreachable = refusal(router, "nohost.example")
-    assert (unreachable.permanent, unreachable.status) == (True, "5.1.2")
+    assert (unreachable.permanent, unreachable.code, unreachable.status) == (True, 550, "5.1.2")
 
 
 def test_a_null_mx_is_a_permanent_failure_with_its_own_reason():
@@ -130,21 +130,21 @@ def test_a_null_mx_is_a_permanent_failure_with_its_own_reason():
         router = router_for(server)
         null = refusal(router, "nullmx.example")
         assert asyncio.run(router.mx_hosts("nullmx.example")) == []
-    assert (null.permanent, null.status) == (True, "5.1.10")
-    assert "null MX" in null.reason
+    assert (null.permanent, null.code, null.status) == (True, 556, "5.1.10")  # RFC 7505 section 4.2
+    assert null.reply.startswith("5.1.10 ") and "null MX" in null.reply
 
 
 def test_a_domain_that_does_not_exist_is_not_taken_for_a_mail_host():
     with dns_server() as server:
         missing = refusal(router_for(server), "nxdomain.example")
-    assert (missing.permanent, missing.status) == (True, "5.1.2")
+    assert (missing.permanent, missing.code, missing.status) == (True, 550, "5.1.2")
     assert "does not exist" in missing.reason
 
 
 def test_a_failed_lookup_is_transient_and_not_a_mail_host():
     with dns_server() as server:
         failed = refusal(router_for(server), "broken.example")
-    assert (failed.permanent, failed.status) == (False, "4.4.3")
+    assert (failed.permanent, failed.code, failed.status) == (False, 451, "4.4.3")
 
 
 def test_a_dns_server_that_never_answers_fails_within_the_lifetime():

@@ -38,15 +38,23 @@ class Route:
 
 
 class NoRoute(DeliveryError):
-    """The recipient's domain has no mail host to try. Permanent ones are bounces (status is
-    the RFC 3463 enhanced code to record); transient ones are retried. The message names no
-    domain: it is part of a member's address."""
+    """The recipient's domain has no mail host to try, as the reply a server would have given:
+    code 5xx is permanent (a bounce), 4xx transient (retried later); status is the RFC 3463
+    enhanced code. The message names no domain: it is part of a member's address."""
 
-    def __init__(self, reason: str, *, permanent: bool, status: str) -> None:
+    def __init__(self, reason: str, *, code: int, status: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.permanent = permanent
+        self.code = code
         self.status = status
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def reply(self) -> str:
+        return f"{self.status} {self.reason}"
 
 
 class Router(Protocol):
@@ -103,7 +111,7 @@ class MxRouter:
         try:
             answer = await self.resolver.resolve(domain, "MX")
         except dns.resolver.NXDOMAIN as err:
-            raise NoRoute("the domain does not exist", permanent=True, status="5.1.2") from err
+            raise NoRoute("the domain does not exist", code=550, status="5.1.2") from err
         except dns.resolver.NoAnswer:
             return await self._implicit_mx(domain)
         except dns.exception.DNSException as err:
@@ -113,7 +121,7 @@ class MxRouter:
         hosts = [r.exchange.to_text(omit_final_dot=True) for r in records if r.exchange != _ROOT]
         if not hosts:
             raise NoRoute(
-                "the domain accepts no mail (null MX, RFC 7505)", permanent=True, status="5.1.10"
+                "the domain accepts no mail (null MX, RFC 7505)", code=556, status="5.1.10"
             )
         return list(dict.fromkeys(hosts))
 
@@ -126,7 +134,7 @@ class MxRouter:
             except dns.exception.DNSException as err:
                 raise _lookup_failed(err) from err
             return [domain.lower()]
-        raise NoRoute("the domain has no MX and no address", permanent=True, status="5.1.2")
+        raise NoRoute("the domain has no MX and no address", code=550, status="5.1.2")
 
     async def mx_hosts(self, domain: str) -> list[str]:
         """The hosts for the provider roll-up; none when there is no route (the send stage
@@ -150,4 +158,4 @@ _ROOT = dns.name.root
 
 def _lookup_failed(err: dns.exception.DNSException) -> NoRoute:
     # The exception's text names the domain: only its type goes into the reason.
-    return NoRoute(f"DNS lookup failed ({type(err).__name__})", permanent=False, status="4.4.3")
+    return NoRoute(f"DNS lookup failed ({type(err).__name__})", code=451, status="4.4.3")
