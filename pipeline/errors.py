@@ -14,6 +14,7 @@ record: values are PHI.
     + RunRefused           a run cannot start or resume now (names the run and what to do)
   x DeliveryError          a message could not be handed to SMTP safely
     + TlsRequired          the receiver offered no usable TLS: no PHI was sent
+  x ReturnPathError        the return path (mailbox, IMAP server) failed or did not answer
 """
 
 from __future__ import annotations
@@ -74,3 +75,7 @@ class DeliveryError(EobError):
 
 class TlsRequired(DeliveryError):
     """The receiving server offered no usable TLS, so nothing was sent."""
+
+
+class ReturnPathError(EobError):
+    """The return path (a mailbox, an IMAP server) failed or did not answer (names it)."""

@@ -303,3 +303,76 @@ def test_rekey_stream_encrypts_plaintext_then_rotates_in_bounded_chunks(tmp_path
     only_b = parse_keys(f"b1:{KEY_B}", source="test")
     assert b"".join(atrest.read_decrypted_stream(path, only_b, "c")) == data
     assert [p.name for p in tmp_path.iterdir()] == ["claims.csv"]  # no temporary left behind
+
+
+# The archive format's per-file key, its previous format, and durability ------------------------
+
+V1_FILE = Path(__file__).parent / "data" / "atrest_stream_v1.bin"  # written by the old format
+V1_CONTEXT = "archive/acme/2026-11-22/v1-claims.csv"
+
+
+def test_each_stream_file_is_sealed_under_its_own_key_derived_from_a_salt_in_its_header() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    context = "archive/acme/claims.csv"
+    first, second = _sealed(DRAWN, context), _sealed(DRAWN, context)
+    # The format: magic, key id, chunk size, a 32-byte random salt; then the chunks, each under
+    # HKDF-SHA256(keyring key, salt) with nonce = 11-byte counter || last-chunk flag.
+    header_size = len(b"EOBS\x02") + 1 + len("a1") + 4 + 32
+    assert first.startswith(b"EOBS\x02\x02a1" + CHUNK.to_bytes(4, "big"))
+    salt = first[header_size - 32 : header_size]
+    assert salt != second[header_size - 32 : header_size]
+    file_key = HKDF(hashes.SHA256(), 32, salt, b"eob-delivery archive stream").derive(
+        base64.b64decode(KEY_A)
+    )
+    chunk = first[header_size : header_size + CHUNK + 16]
+    aad = first[:header_size] + context.encode()
+    assert AESGCM(file_key).decrypt(bytes(11) + b"\x00", chunk, aad) == DRAWN[:CHUNK]
+
+
+def test_the_previous_stream_format_still_reads_and_rekey_moves_it_to_the_current_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v1-claims.csv"
+    path.write_bytes(V1_FILE.read_bytes())
+    assert path.read_bytes().startswith(b"EOBS\x01")
+    assert b"".join(atrest.read_decrypted_stream(path, RING_A, V1_CONTEXT)) == DRAWN
+    # Same key, old format: rekey converts it all the same.
+    assert atrest.rekey_stream(path, RING_A, V1_CONTEXT) is True
+    assert path.read_bytes().startswith(atrest.STREAM_MAGIC)
+    assert b"".join(atrest.read_decrypted_stream(path, RING_A, V1_CONTEXT)) == DRAWN
+    assert atrest.rekey_stream(path, RING_A, V1_CONTEXT) is False
+
+
+def test_an_archived_copy_and_its_directory_are_on_disk_before_encrypt_file_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caller deletes the insurer's original next: a crash must not lose both copies.
+    import os
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(source: str, target: str) -> None:
+        replace(source, target)
+        events.append(("replace", str(target)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    source, archived = tmp_path / "claims.csv", tmp_path / "archive" / "claims.csv"
+    archived.parent.mkdir()
+    source.write_bytes(DRAWN)
+
+    atrest.encrypt_file(source, archived, RING_A, "c")
+
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"]
+    assert Path(events[0][1]).parent == archived.parent  # the sealed temporary, then renamed
+    assert events[1][1] == str(archived)
+    assert events[2][1] == str(archived.parent)

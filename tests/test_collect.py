@@ -181,3 +181,30 @@ def test_a_report_whose_processing_failed_is_processed_on_the_next_run(
     assert (counts["reports"], counts["already_seen"]) == (1, 0)
     assert len(mailbox.Maildir(settings.return_path_maildir, create=False)) == 0
     assert run_stage(settings, run_id, "bounces")["reports"] == 0
+
+
+def test_an_mbox_pass_marks_its_reports_in_one_rewrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import os
+
+    path = tmp_path / "returns.mbox"
+    box = mailbox.mbox(path)
+    for token in ("m1", "m2", "m3"):
+        box.add(_dsn(token))
+    box.close()
+    rewrites: list[str] = []
+    rename = os.rename
+
+    def recording_rename(source: str, target: str) -> None:
+        rewrites.append(str(target))  # mailbox rewrites an mbox into a copy renamed over it
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", recording_rename)
+    source = MboxSource(path)
+    for item in source.messages():
+        source.mark_processed(item.ref)
+        assert rewrites == []  # marked when the pass ends, not per report
+    assert rewrites == [str(path)]
+    assert list(source.messages()) == []
+    assert len(mailbox.mbox(path)) == 3  # flagged read, not removed

@@ -12,9 +12,11 @@ import imaplib
 import os
 import pwd
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 import trustme
 
 from pipeline.config import Settings
+from pipeline.errors import ReturnPathError
 from pipeline.ops.demo import free_port
 from pipeline.ops.sink import delivery_status_notification
 from pipeline.records.verp import verp_return_path
@@ -34,7 +37,7 @@ DOVECOT = Path("/usr/sbin/dovecot")
 HOST = "127.0.0.1"
 USER, PASSWORD = "bounces", "imap-test-password"
 
-pytestmark = pytest.mark.skipif(not DOVECOT.exists(), reason="dovecot-imapd is not installed")
+needs_dovecot = pytest.mark.skipif(not DOVECOT.exists(), reason="dovecot-imapd is not installed")
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ def _dsn(token: str) -> bytes:
     ).as_bytes()
 
 
+@needs_dovecot
 def test_the_bounces_stage_reads_imap_once_and_marks_what_it_processed(
     dovecot: Imap, settings: Settings, tmp_path: Path, monkeypatch
 ):
@@ -173,8 +177,34 @@ def test_the_bounces_stage_reads_imap_once_and_marks_what_it_processed(
     assert dovecot.unseen() == 0
 
 
+@needs_dovecot
 def test_an_imap_server_the_trust_store_does_not_know_is_refused(dovecot: Imap, monkeypatch):
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     source = ImapSource(HOST, USER, PASSWORD, "INBOX", dovecot.port)
-    with pytest.raises(ssl.SSLCertVerificationError):
+    with pytest.raises(ReturnPathError, match="connect: SSLCertVerificationError") as refused:
         list(source.messages())
+    assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+
+
+@needs_dovecot
+def test_a_missing_folder_is_a_named_error_not_a_search_in_the_wrong_state(
+    dovecot: Imap, monkeypatch
+):
+    monkeypatch.setenv("SSL_CERT_FILE", str(dovecot.ca_file))
+    source = ImapSource(HOST, USER, PASSWORD, "Missing", dovecot.port)
+    with pytest.raises(ReturnPathError, match=rf"{HOST}:{dovecot.port}: SELECT Missing: NO"):
+        list(source.messages())
+
+
+@pytest.mark.timeout(20)
+def test_a_server_that_accepts_and_never_answers_times_out():
+    # A TCP listener on loopback that never speaks: neither TLS nor an IMAP greeting comes.
+    with socket.create_server(("127.0.0.31", 0)) as listener:
+        port = listener.getsockname()[1]
+        source = ImapSource("127.0.0.31", USER, PASSWORD, "INBOX", port, timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(
+            ReturnPathError, match=rf"127.0.0.31:{port}: connect: no answer within 1.0 s"
+        ):
+            list(source.messages())
+        assert time.monotonic() - started < 5

@@ -8,7 +8,9 @@ name and the message the insurer reads (never a value).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import calendar
+import string
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -16,16 +18,14 @@ from decimal import Decimal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 CENT = pa.scalar(Decimal("0.01"), pa.decimal128(12, 2))
 ZERO = pa.scalar(Decimal("0.00"), pa.decimal128(12, 2))
-# Plain ASCII addresses this pattern accepts are valid for email-validator too (its limits on
-# length, dots and labels are built in), so only the rest need the library's slower check.
-_PLAIN_EMAIL = (
-    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,64}(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,64})*"
-    r"@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
-)
+# The email fast path: an address of at most EMAIL_MAX_LENGTH characters that _plain_email()
+# matches is valid for email-validator too (tests/test_rules.py holds the two to agreement), so
+# only the rest need the library's slower check.
+EMAIL_MAX_LENGTH = 254
 # Adjustment reasons: a CARC, with or without its group code (CO-45, 45, PR-1), or a RARC
 # (N130, MA04). FHIR EOBs usually carry the CARC without its group.
 _ADJUSTMENT = r"^(((CO|PR|OA|PI|CR)-)?([1-9][0-9]{0,2}|[A-Z][0-9]{1,2})|(M|MA|N)[0-9]{1,3})$"
@@ -128,17 +128,51 @@ def _bad_adjustment_code(batch: pa.RecordBatch, _run: date) -> pa.Array:
     return pa.array(failing)
 
 
+def _top_level_name_except(words: Collection[str], prefix: str = "") -> str:
+    """A regex for a name of 2 to 63 letters that is none of words (lower case; the caller
+    matches case-insensitively), spelled out as the ways a name can differ from them, since
+    RE2 has no negative look-ahead: one regex pass instead of two."""
+    depth = len(prefix)
+    following = sorted({w[depth] for w in words if w.startswith(prefix) and len(w) > depth})
+    options = [""] if depth >= 2 and prefix not in words else []
+    if depth < 63:
+        other = "".join(c for c in string.ascii_lowercase if c not in following)
+        options.append(f"[{other}][a-z]{{{max(1 - depth, 0)},{62 - depth}}}")
+        options += [c + _top_level_name_except(words, prefix + c) for c in following]
+    return "(?:" + "|".join(options) + ")"
+
+
+def _plain_email() -> str:
+    """Plain ASCII addresses that email-validator accepts: a dot-atom local part, and domain
+    labels of 1 to 63 letters, digits and inner hyphens without "--" in their third and fourth
+    places (reserved, or Punycode the library decodes), under a top-level name of letters that
+    is not special-use (test, local, ...)."""
+    atom = "[a-z0-9!#$%&'*+/=?^_`{|}~-]{1,64}"
+    a, h = "[a-z0-9]", "[a-z0-9-]"
+    label = f"(?:{a}(?:{h}?{a})?|{a}{h}{h}{a}|{a}{h}(?:{a}{h}|-{a}){h}{{0,58}}{a})"
+    top = _top_level_name_except(SPECIAL_USE_DOMAIN_NAMES)
+    return rf"(?i)^{atom}(?:\.{atom})*@(?:{label}\.)+{top}$"
+
+
+_PLAIN_EMAIL = _plain_email()
+
+
 class EmailCheck:
-    """Email syntax: a regex fast path for plain addresses, email-validator for the rest.
-    Verdicts are cached per address across the batches of a file."""
+    """Email syntax of ASCII addresses: a regex fast path for plain addresses, email-validator
+    for the rest (the non-ASCII ones fail _needs_smtputf8 instead). Verdicts are cached per
+    address across the batches of a file."""
 
     def __init__(self) -> None:
         self.verdicts: dict[str, bool] = {}
 
     def __call__(self, batch: pa.RecordBatch, _run: date) -> pa.Array:
         email = batch.column("email")
-        plain = pc.fill_null(pc.match_substring_regex(email, _PLAIN_EMAIL), True)
-        others = pc.unique(pc.filter(email, pc.invert(plain))).to_pylist()
+        plain = pc.and_kleene(
+            pc.match_substring_regex(email, _PLAIN_EMAIL),
+            pc.less_equal(pc.utf8_length(email), EMAIL_MAX_LENGTH),
+        )
+        checked = pc.and_(pc.invert(pc.fill_null(plain, True)), pc.string_is_ascii(email))
+        others = pc.unique(pc.filter(email, checked)).to_pylist()
         for address in others:
             if address not in self.verdicts:
                 self.verdicts[address] = _library_accepts(address)
@@ -154,8 +188,19 @@ def _library_accepts(address: str) -> bool:
     return True
 
 
+def _needs_smtputf8(batch: pa.RecordBatch, _run: date) -> pa.Array:
+    # email-validator accepts internationalised addresses, but sending writes ASCII envelopes
+    # and headers and does not use SMTPUTF8: such an address is quarantined with its reason.
+    return pc.invert(pc.fill_null(pc.string_is_ascii(batch.column("email")), True))
+
+
 def _years_before(years: int) -> Callable[[date], date]:
-    return lambda run: run.replace(year=run.year - years)
+    def earliest(run: date) -> date:
+        year = run.year - years
+        # The same day of the year, except that 29 February becomes 28 February.
+        return date(year, run.month, min(run.day, calendar.monthrange(year, run.month)[1]))
+
+    return earliest
 
 
 def claim_line_rules() -> tuple[RowRule, ...]:
@@ -225,7 +270,19 @@ def claim_line_rules() -> tuple[RowRule, ...]:
             "an adjustment code is neither a CARC (45, CO-45) nor a RARC (N130)",
             _bad_adjustment_code,
         ),
+        *_email_rules(),
+    )
+
+
+def _email_rules() -> tuple[RowRule, ...]:
+    return (
         RowRule("email_syntax", "email", "email address is not valid", EmailCheck()),
+        RowRule(
+            "email_smtputf8",
+            "email",
+            "email address needs SMTPUTF8 (it is not ASCII), which sending does not use",
+            _needs_smtputf8,
+        ),
     )
 
 
@@ -237,5 +294,5 @@ def roster_rules() -> tuple[RowRule, ...]:
             "date of birth is in the future or more than 125 years ago",
             _date_out_of_range("date_of_birth", _years_before(125)),
         ),
-        RowRule("email_syntax", "email", "email address is not valid", EmailCheck()),
+        *_email_rules(),
     )

@@ -20,13 +20,23 @@ another key, fails to decrypt instead of decrypting to the wrong member's docume
 
 Streaming format, for files too large to hold in memory (an insurer's drop can be gigabytes):
 STREAM_MAGIC, the same key-id header, the plaintext chunk size (4 bytes, big-endian) and a
-7-byte random nonce prefix, then the plaintext's fixed-size chunks, each sealed on its own with
-AES-256-GCM (tag appended) under the nonce prefix || chunk counter (4 bytes) || last-chunk flag
-(1 byte), the STREAM construction of age and Tink. The header and the context are every chunk's
-authenticated data. A chunk altered, moved, dropped or reordered fails its tag; a file cut at a
-chunk boundary fails too, because its new last chunk was not sealed as last. Readers get the
-plaintext chunk by chunk, each authenticated before it is handed out; a truncation shows only at
-the end, so a consumer must not act on what it read before the iterator finished.
+32-byte random salt, then the plaintext's fixed-size chunks, each sealed on its own with
+AES-256-GCM (tag appended) under the file's own key, HKDF-SHA256 of the keyring key and the
+salt, and the nonce chunk counter (11 bytes) || last-chunk flag (1 byte): the STREAM
+construction with a per-file key, as age and Tink's streaming AEAD do. The per-file key keeps
+nonces from ever repeating under one key however many files a key seals (the first format,
+STREAM_MAGIC_V1, drew a 7-byte random nonce prefix per file under the keyring key itself: a
+collision, which leaks plaintext and the authentication key, passed 2^-32 at about 6,000 files
+per key; it is still read, and `rekey_stream` rewrites it in the current format). The header
+and the context are every chunk's authenticated data. A chunk altered, moved, dropped or
+reordered fails its tag; a file cut at a chunk boundary fails too, because its new last chunk
+was not sealed as last. Readers get the plaintext chunk by chunk, each authenticated before it
+is handed out; a truncation shows only at the end, so a consumer must not act on what it read
+before the iterator finished.
+
+The whole-file format draws a random 96-bit nonce per file under the keyring key, which stays
+within NIST SP 800-38D's bound for random nonces (collision probability below 2^-32) up to
+2^32 files per key: rotate a key long before then (millions of PDFs a year are about 2^23).
 """
 
 from __future__ import annotations
@@ -46,20 +56,26 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pipeline.errors import ConfigError, EobError
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"EOBE\x01"
-STREAM_MAGIC = b"EOBS\x01"
+STREAM_MAGIC = b"EOBS\x02"
+# The first streaming format (read for rekey_stream to convert, never written).
+STREAM_MAGIC_V1 = b"EOBS\x01"
 # Plaintext bytes per sealed chunk of a stream: memory per reader or writer is about two chunks.
 STREAM_CHUNK = 1 << 20
 ENV_VAR = "EOB_AT_REST_KEYS"
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
-_STREAM_PREFIX_BYTES = 7
+_STREAM_SALT_BYTES = 32
+_STREAM_KEY_INFO = b"eob-delivery archive stream"
+_STREAM_V1_PREFIX_BYTES = 7
 # A reader refuses larger chunk sizes: a forged header must not make it allocate gigabytes.
 _MAX_STREAM_CHUNK = 1 << 24
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -183,17 +199,27 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path, *, durable: bool = False) -> Iterator[BinaryIO]:
     """A file that replaces path when the block ends: a crash mid-write never leaves a truncated
-    file for a reader."""
+    file for a reader. Durable: the file and then its directory entry are on disk (fsync)
+    before the block's end returns, for a copy whose original is deleted next."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
             yield file
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def read_decrypted(path: Path, keyring: Keyring, context: str) -> bytes:
@@ -222,16 +248,23 @@ def encrypt_stream(
     chunk_size: int = STREAM_CHUNK,
 ) -> None:
     """Write plaintext (pieces of any size) to target in the streaming format, active key."""
-    prefix = secrets.token_bytes(_STREAM_PREFIX_BYTES)
-    header = _header(keyring.active_id, STREAM_MAGIC) + chunk_size.to_bytes(4, "big") + prefix
-    aead, authenticated = AESGCM(keyring.keys[keyring.active_id]), header + context.encode()
+    salt = secrets.token_bytes(_STREAM_SALT_BYTES)
+    header = _header(keyring.active_id, STREAM_MAGIC) + chunk_size.to_bytes(4, "big") + salt
+    stream = _Stream(
+        keyring.active_id,
+        chunk_size,
+        True,
+        header,
+        _file_key(keyring.keys[keyring.active_id], salt),
+    )
+    authenticated = header + context.encode()
     target.write(header)
     chunks = _fixed_size(plaintext, chunk_size)
     chunk, counter = next(chunks, b""), 0
     while True:
         following = next(chunks, None)
         last = following is None
-        target.write(aead.encrypt(_chunk_nonce(prefix, counter, last), chunk, authenticated))
+        target.write(stream.aead.encrypt(stream.nonce(counter, last), chunk, authenticated))
         if following is None:
             return
         chunk, counter = following, counter + 1
@@ -240,16 +273,17 @@ def encrypt_stream(
 def decrypt_stream(
     source: BinaryIO, keyring: Keyring, context: str, *, name: str
 ) -> Iterator[bytes]:
-    """The plaintext of a stream-format file, chunk by chunk (see the module docstring)."""
-    key_id, chunk_size, prefix, header = _stream_header(source, keyring, name)
-    aead, authenticated = AESGCM(keyring.keys[key_id]), header + context.encode()
-    sealed_size = chunk_size + _TAG_BYTES
+    """The plaintext of a stream-format file (either format), chunk by chunk (see the module
+    docstring)."""
+    stream = _read_stream_header(source, keyring, name)
+    authenticated = stream.header + context.encode()
+    sealed_size = stream.chunk_size + _TAG_BYTES
     chunk, counter = source.read(sealed_size), 0
     while True:
         following = source.read(sealed_size)
         last = not following
         try:
-            yield aead.decrypt(_chunk_nonce(prefix, counter, last), chunk, authenticated)
+            yield stream.aead.decrypt(stream.nonce(counter, last), chunk, authenticated)
         except InvalidTag as err:
             raise DecryptionError(
                 f"{name}: authentication failed (altered, truncated or moved)"
@@ -261,12 +295,13 @@ def decrypt_stream(
 
 def is_stream_encrypted(path: Path) -> bool:
     with path.open("rb") as file:
-        return file.read(len(STREAM_MAGIC)) == STREAM_MAGIC
+        return file.read(len(STREAM_MAGIC)) in (STREAM_MAGIC, STREAM_MAGIC_V1)
 
 
 def encrypt_file(source: Path, target: Path, keyring: Keyring, context: str) -> None:
-    """Encrypt source into target (replaced atomically) in bounded memory."""
-    with source.open("rb") as plain, atomic_writer(target) as sealed:
+    """Encrypt source into target (replaced atomically) in bounded memory. When this returns,
+    target and its directory entry are on disk (fsync): the caller may delete source."""
+    with source.open("rb") as plain, atomic_writer(target, durable=True) as sealed:
         encrypt_stream(iter(lambda: plain.read(STREAM_CHUNK), b""), sealed, keyring, context)
 
 
@@ -276,38 +311,69 @@ def read_decrypted_stream(path: Path, keyring: Keyring, context: str) -> Iterato
 
 
 def rekey_stream(path: Path, keyring: Keyring, context: str) -> bool:
-    """Re-encrypt a stream-format file under the active key if another key sealed it, or
-    encrypt it if it is a plaintext file from before encryption at rest; True if it did."""
+    """Re-encrypt a stream-format file under the active key if another key sealed it or it is
+    in the first format, or encrypt it if it is a plaintext file from before encryption at
+    rest; True if it did."""
     if not is_stream_encrypted(path):
         encrypt_file(path, path, keyring, context)
         return True
     with path.open("rb") as source:
-        if _stream_header(source, keyring, path.name)[0] == keyring.active_id:
+        stream = _read_stream_header(source, keyring, path.name)
+        if stream.current and stream.key_id == keyring.active_id:
             return False
         source.seek(0)
-        with atomic_writer(path) as target:
+        with atomic_writer(path, durable=True) as target:
             plaintext = decrypt_stream(source, keyring, context, name=path.name)
             encrypt_stream(plaintext, target, keyring, context)
     return True
 
 
-def _stream_header(source: BinaryIO, keyring: Keyring, name: str) -> tuple[str, int, bytes, bytes]:
-    """Key id, chunk size, nonce prefix and the header's bytes (authenticated with each chunk)."""
+@dataclass(frozen=True)
+class _Stream:
+    """What a stream's header says, and the cipher and nonces its chunks are sealed with."""
+
+    key_id: str
+    chunk_size: int
+    # The current format (per-file key); else the first one, to be read and converted only.
+    current: bool
+    # The header's bytes: authenticated with every chunk.
+    header: bytes
+    aead: AESGCM
+    # The first format's random nonce prefix; the current format has none.
+    nonce_prefix: bytes = b""
+
+    def nonce(self, counter: int, last: bool) -> bytes:
+        # to_bytes raises past the counter's range (2**32 chunks in the first format, 4 PiB at
+        # the default size) instead of reusing a nonce.
+        counter_bytes = 11 if self.current else 4
+        flag = b"\x01" if last else b"\x00"
+        return self.nonce_prefix + counter.to_bytes(counter_bytes, "big") + flag
+
+
+def _file_key(keyring_key: bytes, salt: bytes) -> AESGCM:
+    """The cipher under one file's own key, derived from the keyring's key and its salt."""
+    return AESGCM(HKDF(hashes.SHA256(), 32, salt, _STREAM_KEY_INFO).derive(keyring_key))
+
+
+def _read_stream_header(source: BinaryIO, keyring: Keyring, name: str) -> _Stream:
     start = source.read(len(STREAM_MAGIC) + 1)
-    head = start + source.read(start[-1] if len(start) > len(STREAM_MAGIC) else 0)
-    key_id, end = keyring._parse_header(head, name, STREAM_MAGIC)
-    rest = source.read(4 + _STREAM_PREFIX_BYTES)
-    if len(rest) < 4 + _STREAM_PREFIX_BYTES:
+    magic = start[: len(STREAM_MAGIC)]
+    if magic not in (STREAM_MAGIC, STREAM_MAGIC_V1) or len(start) <= len(STREAM_MAGIC):
+        raise DecryptionError(f"{name}: not an encrypted eob-delivery file")
+    head = start + source.read(start[-1])
+    key_id, end = keyring._parse_header(head, name, magic)
+    current = magic == STREAM_MAGIC
+    tail_size = 4 + (_STREAM_SALT_BYTES if current else _STREAM_V1_PREFIX_BYTES)
+    rest = source.read(tail_size)
+    if len(rest) < tail_size:
         raise DecryptionError(f"{name}: truncated")
     chunk_size = int.from_bytes(rest[:4], "big")
     if not 0 < chunk_size <= _MAX_STREAM_CHUNK:
         raise DecryptionError(f"{name}: chunk size out of range")
-    return key_id, chunk_size, rest[4:], head[:end] + rest
-
-
-def _chunk_nonce(prefix: bytes, counter: int, last: bool) -> bytes:
-    # to_bytes raises past 2**32 chunks (4 PiB at the default size) instead of reusing a nonce.
-    return prefix + counter.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+    header = head[:end] + rest
+    if current:
+        return _Stream(key_id, chunk_size, True, header, _file_key(keyring.keys[key_id], rest[4:]))
+    return _Stream(key_id, chunk_size, False, header, AESGCM(keyring.keys[key_id]), rest[4:])
 
 
 def _fixed_size(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:

@@ -12,16 +12,16 @@ import imaplib
 import mailbox
 import os
 import ssl
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ReturnPathError
 from pipeline.records.atrest import (
     MAGIC,
     DecryptionError,
@@ -33,6 +33,7 @@ from pipeline.records.atrest import (
 # Reports kept before they moved onto the at-rest keyring are Fernet tokens under this key (or
 # <data_dir>/archive.key); only `eob rekey` still reads it, to convert them.
 LEGACY_ARCHIVE_KEY_ENV = "EOB_ARCHIVE_KEY"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,12 @@ class MaildirSource:
         mailbox.Maildir(self.path, create=False).discard(ref)
 
 
-@dataclass(frozen=True)
+@dataclass
 class MboxSource:
     path: Path
+    # Refs marked during a pass of messages(), flagged read in one rewrite of the file when
+    # the pass ends (mbox has no in-place update: each flush rewrites the whole file).
+    _marked: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def messages(self) -> Iterator[Collected]:
         box = mailbox.mbox(self.path, create=False)
@@ -77,17 +81,31 @@ class MboxSource:
             found = [Collected(str(key), box.get_bytes(key)) for key in unread]
         finally:
             box.close()
-        yield from found
+        self._marked = []
+        try:
+            yield from found
+        finally:
+            # Also when the pass stops early: what was marked had been committed.
+            marked, self._marked = self._marked, None
+            if marked:
+                self._flag_read(marked)
 
     def mark_processed(self, ref: str) -> None:
+        if self._marked is not None:
+            self._marked.append(ref)
+        else:
+            self._flag_read([ref])
+
+    def _flag_read(self, refs: list[str]) -> None:
         box = mailbox.mbox(self.path, create=False)
-        # mbox keys are ints at run time; the stubs say str.
-        key: Any = int(ref)
         box.lock()
         try:
-            report = box[key]
-            report.add_flag("R")
-            box[key] = report
+            for ref in refs:
+                # mbox keys are ints at run time; the stubs say str.
+                key: Any = int(ref)
+                report = box[key]
+                report.add_flag("R")
+                box[key] = report
             box.flush()
         finally:
             box.unlock()
@@ -100,6 +118,9 @@ class ImapSource:
 
     The server's certificate and name are verified against the system trust store
     (SSL_CERT_FILE names another): the password and the reports must not go to an impostor.
+    Every reply's status is checked and every read waits at most `timeout` seconds: a server
+    that refuses or stops answering fails the pass with a ReturnPathError naming it, and what
+    was not marked is read again next pass.
     """
 
     host: str
@@ -107,37 +128,74 @@ class ImapSource:
     password: str
     folder: str = "INBOX"
     port: int = 993
+    # Seconds to wait for the connection, the TLS handshake and each reply.
+    timeout: float = 60.0
     # The session messages() holds open while it yields: reports are marked over it rather
     # than with a login each.
     _client: imaplib.IMAP4_SSL | None = field(default=None, init=False, repr=False, compare=False)
 
     def _connect(self) -> imaplib.IMAP4_SSL:
-        client = imaplib.IMAP4_SSL(self.host, self.port, ssl_context=ssl.create_default_context())
-        client.login(self.user, self.password)
-        client.select(self.folder)
+        context = ssl.create_default_context()
+        client = self._call(
+            "connect",
+            lambda: imaplib.IMAP4_SSL(
+                self.host, self.port, ssl_context=context, timeout=self.timeout
+            ),
+        )
+        try:
+            self._call("LOGIN", lambda: client.login(self.user, self.password))
+            self._call(f"SELECT {self.folder}", lambda: client.select(self.folder))
+        except BaseException:
+            client.shutdown()
+            raise
         return client
+
+    def _call(self, what: str, command: Callable[[], _T]) -> _T:
+        """Run one IMAP command; a NO, a BAD, a dropped connection or silence past the
+        timeout is a ReturnPathError naming the server and the command (never a reply's text:
+        it may quote a report)."""
+        where = f"IMAP server {self.host}:{self.port}"
+        try:
+            reply = command()
+        except TimeoutError as err:
+            raise ReturnPathError(f"{where}: {what}: no answer within {self.timeout} s") from err
+        except (imaplib.IMAP4.error, OSError) as err:
+            raise ReturnPathError(f"{where}: {what}: {type(err).__name__}") from err
+        status = reply[0] if isinstance(reply, tuple) else "OK"
+        if status != "OK":
+            raise ReturnPathError(f"{where}: {what}: {status}")
+        return reply
 
     def messages(self) -> Iterator[Collected]:
         self._client = client = self._connect()
         try:
-            _, data = client.uid("SEARCH", "UNSEEN")
+            _, data = self._call("SEARCH UNSEEN", lambda: client.uid("SEARCH", "UNSEEN"))
             for uid in (data[0] or b"").split():
                 # BODY.PEEK leaves \Seen unset until mark_processed.
-                _, fetched = client.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
+                fetch = partial(client.uid, "FETCH", uid.decode(), "(BODY.PEEK[])")
+                _, fetched = self._call(f"FETCH {uid.decode()}", fetch)
                 part = fetched[0]
                 if isinstance(part, tuple):
                     yield Collected(uid.decode(), part[1])
         finally:
             self._client = None
-            client.logout()
+            _logout(client)
 
     def mark_processed(self, ref: str) -> None:
         client = self._client or self._connect()
         try:
-            client.uid("STORE", ref, "+FLAGS", "(\\Seen)")
+            self._call(f"STORE {ref}", lambda: client.uid("STORE", ref, "+FLAGS", "(\\Seen)"))
         finally:
             if client is not self._client:
-                client.logout()
+                _logout(client)
+
+
+def _logout(client: imaplib.IMAP4_SSL) -> None:
+    # A failed session's logout may fail too; what failed first is what the operator reads.
+    try:
+        client.logout()
+    except (imaplib.IMAP4.error, OSError):
+        client.shutdown()
 
 
 IMAP_PASSWORD_ENV = "EOB_IMAP_PASSWORD"
