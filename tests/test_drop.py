@@ -76,6 +76,8 @@ def test_rosters_are_told_apart_by_name(tmp_path):
         ("colour = 1\n", "colour"),
         ('[claims]\nformat = "xml"\n', "claims.format"),
         ('[claims.columns]\nMBR = "member_number"\n', "claims.columns.MBR"),
+        ("max_gzip_ratio = 0.5\n", "max_gzip_ratio"),
+        ('max_json_mib = "64"\n', "max_json_mib"),
     ],
 )
 def test_a_bad_profile_names_the_file_and_setting(tmp_path, text, named):

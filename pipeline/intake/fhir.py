@@ -9,11 +9,13 @@ in the file for messages: "line N" (NDJSON), "entry N item M" (Bundle), "item M"
 M counts the EOB's items from 1 whatever their sequence numbers.
 
 Input: NDJSON (one resource a line), one JSON resource, or a Bundle of type searchset or
-collection; gzip-compressed or not. NDJSON is told by the name (.ndjson, .jsonl, before any
-.gz) or, in a .json file, by several lines that are each a JSON object. Rejections raise
-FileRejected naming what was found and where, never a value. NDJSON is read as a stream, so
-FileRejected can come after rows were yielded: the caller must drain the iterator before using
-any row (the whole file is refused, as for CSV).
+collection; gzip-compressed or not, within the insurer's read limits (pipeline.intake.limits:
+inflated size, the size of a document or NDJSON line parsed whole; deep nesting is refused).
+NDJSON is told by the name (.ndjson, .jsonl, before any .gz) or, in a .json file, by several
+lines that are each a JSON object. Rejections raise FileRejected naming what was found and
+where, never a value. NDJSON is read as a stream, so FileRejected can come after rows were
+yielded: the caller must drain the iterator before using any row (the whole file is refused,
+as for CSV).
 
 Decisions on what is read (the samples in /work/shared/data/fhir are the reference; how a
 resource maps to claim lines is decided in pipeline.intake.fhir_mapping):
@@ -38,12 +40,12 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
-from io import BufferedReader
 from pathlib import Path
 
 from pipeline.errors import FileRejected
 from pipeline.intake.fhir_json import Resource, as_list, as_object, as_str
 from pipeline.intake.fhir_mapping import SOURCE, References, Row, claim_rows, index_resource
+from pipeline.intake.limits import DEFAULT_LIMITS, MIB, ReadLimits, open_input
 
 __all__ = ["SOURCE", "read_fhir_claim_lines"]
 
@@ -68,14 +70,14 @@ _PROFILE_URL = re.compile(
 )
 
 
-def read_fhir_claim_lines(path: Path) -> Iterator[Row]:
+def read_fhir_claim_lines(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[Row]:
     """One text row per ExplanationOfBenefit item of the file; see the module docstring."""
     if path.name.lower().removesuffix(".gz").endswith(_NDJSON_SUFFIXES):
-        yield from _read_ndjson(path, _lines(path))
+        yield from _read_ndjson(path, _lines(path, limits))
         return
-    text = _read_text(path)
+    text = _read_text(path, limits)
     try:
-        document = json.loads(text, parse_float=Decimal)
+        document = _parse(path, text, "the file")
     except json.JSONDecodeError as err:
         lines = text.splitlines()
         first = next((line for line in lines if line.strip()), "")
@@ -97,27 +99,33 @@ def read_fhir_claim_lines(path: Path) -> Iterator[Row]:
         yield row
 
 
-def _open(path: Path) -> gzip.GzipFile | BufferedReader:
-    """The file's bytes, gunzipped when it starts with the gzip magic number."""
-    with path.open("rb") as stream:
-        gzipped = stream.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gzipped else path.open("rb")
-
-
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, limits: ReadLimits) -> str:
+    """The whole file as text: a Bundle or single resource is parsed whole, so its size is
+    bounded (max_json_mib)."""
+    limit = limits.max_json_mib * MIB
     try:
-        with _open(path) as stream:
-            return stream.read().decode("utf-8-sig")
+        with open_input(path, limits) as stream:
+            data = stream.read(limit + 1)
+        if len(data) > limit:
+            raise FileRejected(path.name, f"larger than {limits.max_json_mib} MiB (max_json_mib)")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise FileRejected(path.name, f"not UTF-8 text (byte {err.start})") from err
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise FileRejected(path.name, f"unreadable gzip data: {type(err).__name__}") from err
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, limits: ReadLimits) -> Iterator[tuple[int, str]]:
+    """NDJSON lines, streamed; each one is bounded like a whole document (max_json_mib)."""
+    limit = limits.max_json_mib * MIB
     try:
-        with _open(path) as stream:
-            for number, raw in enumerate(stream, start=1):
+        with open_input(path, limits) as stream:
+            for number, raw in enumerate(iter(lambda: stream.readline(limit + 1), b""), start=1):
+                if len(raw) > limit:
+                    raise FileRejected(
+                        path.name,
+                        f"line {number} is larger than {limits.max_json_mib} MiB (max_json_mib)",
+                    )
                 try:
                     text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as err:
@@ -130,10 +138,19 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise FileRejected(path.name, f"unreadable gzip data: {type(err).__name__}") from err
 
 
+def _parse(path: Path, text: str, where: str) -> object:
+    """The JSON value of `text`; JSON nested deeper than the parser's recursion limit (about a
+    thousand levels; a FHIR resource needs about ten) refuses the file."""
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except RecursionError as err:
+        raise FileRejected(path.name, f"{where} is JSON nested too deeply") from err
+
+
 def _is_json_object(line: str) -> bool:
     try:
         return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
@@ -144,7 +161,7 @@ def _read_ndjson(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[Row]:
             continue
         count += 1
         try:
-            resource = json.loads(line, parse_float=Decimal)
+            resource = _parse(path, line, f"line {number}")
         except json.JSONDecodeError as err:
             raise FileRejected(
                 path.name, f"line {number} is not valid JSON: {err.msg} (column {err.colno})"

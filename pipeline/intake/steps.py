@@ -177,7 +177,8 @@ def _register(session: Session, ctx: RunContext, dropped: DroppedFile) -> InputF
 
 
 def _ingest_one(ctx: RunContext, record: InputFile, dropped: DroppedFile) -> int:
-    profile = load_profile(dropped.insurer).for_kind(dropped.kind)
+    insurer = load_profile(dropped.insurer)
+    profile = insurer.for_kind(dropped.kind)
     fmt = detect_format(dropped.path) if profile.format == "auto" else profile.format
     out = ctx.file_dir(record.file_id)
     result = ingest_file(
@@ -188,6 +189,7 @@ def _ingest_one(ctx: RunContext, record: InputFile, dropped: DroppedFile) -> int
         columns=profile.columns,
         contract=load_contract("roster" if dropped.kind == "roster" else "claim_line"),
         keyring=ctx.keyring,
+        limits=insurer.limits,
     )
     record.rows_in = result.rows_in
     return result.rows_in
