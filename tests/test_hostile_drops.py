@@ -131,13 +131,15 @@ def gzip_of(chunks: int, chunk: bytes, head: bytes = b"") -> bytes:
 
 
 _CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from pipeline.config import Settings
 from pipeline.runner import run_stage, start_run
 settings = Settings(data_dir=Path(sys.argv[1]), database_url=sys.argv[2])
 counts = run_stage(settings, start_run(settings, Path(sys.argv[3])), "ingest")
-peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+# VmHWM: this process image's peak (ru_maxrss would count the forked parent's pages too).
+status = Path("/proc/self/status").read_text()
+peak_mib = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) // 1024
 print(json.dumps({"counts": counts, "peak_mib": peak_mib}))
 """
 

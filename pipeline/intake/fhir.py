@@ -104,10 +104,14 @@ def _read_text(path: Path, limits: ReadLimits) -> str:
     bounded (max_json_mib)."""
     limit = limits.max_json_mib * MIB
     try:
+        data = bytearray()
         with open_input(path, limits) as stream:
-            data = stream.read(limit + 1)
-        if len(data) > limit:
-            raise FileRejected(path.name, f"larger than {limits.max_json_mib} MiB (max_json_mib)")
+            while chunk := stream.read(MIB):
+                data += chunk
+                if len(data) > limit:
+                    raise FileRejected(
+                        path.name, f"larger than {limits.max_json_mib} MiB (max_json_mib)"
+                    )
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise FileRejected(path.name, f"not UTF-8 text (byte {err.start})") from err

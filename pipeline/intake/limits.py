@@ -40,11 +40,14 @@ class ReadLimits:
 DEFAULT_LIMITS = ReadLimits()
 
 
+def is_gzip(path: Path) -> bool:
+    with path.open("rb") as stream:
+        return stream.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+
+
 def open_input(path: Path, limits: ReadLimits) -> BinaryIO:
     """The file's bytes, gunzipped when it is gzip data, within `limits`."""
-    with path.open("rb") as stream:
-        gzipped = stream.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
-    if not gzipped:
+    if not is_gzip(path):
         return path.open("rb")
     limit = limits.inflated_limit(path.stat().st_size)
     return io.BufferedReader(_Inflated(gzip.open(path, "rb"), limit, path.name))
