@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from pipeline.intake.validate import FileVerdict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def ingest_files(ctx: RunContext) -> dict[str, int]:
@@ -73,19 +76,13 @@ def _ingest_new(
 ) -> Path:
     """Register, ingest (or reject) and archive a new file; the archived copy's path."""
     record = _register(session, ctx, dropped)
-    try:
-        counts["rows_in"] += _ingest_one(ctx, record, dropped)
+    ingest = partial(_ingest_one, ctx, record, dropped)
+    rows_in = _isolated(ctx, session, record, "reading", ingest)
+    if rows_in is None:
+        counts["rejected"] += 1
+    else:
+        counts["rows_in"] += rows_in
         counts["registered"] += 1
-    except FileRejected as err:
-        reject_file(ctx, session, record, err.reason, quarantine=None)
-        log.warning("%s: rejected: %s", shown(record.file_name), err.reason)
-        counts["rejected"] += 1
-    except SQLAlchemyError:
-        raise  # the ledger failing is no fault of the file
-    except Exception as err:  # noqa: BLE001 - one poison file must not stop the others
-        reason = unexpected_failure("reading", err, record.file_name)
-        reject_file(ctx, session, record, reason, quarantine=None)
-        counts["rejected"] += 1
     archived = archive_copy(dropped, ctx.settings.archive_dir, _today(), ctx.keyring)
     record.archived_path = str(archived)
     return archived
@@ -132,14 +129,26 @@ def _refuse(ctx: RunContext, entry: RefusedEntry) -> None:
     log.warning("%s/%s: refused: %s", entry.insurer, shown(entry.path.name), entry.reason)
 
 
-def unexpected_failure(step: str, err: Exception, file_name: str) -> str:
-    """The rejection reason for a failure no check foresaw, logged with where it happened;
-    the exception's message may quote the data and is left out."""
-    reason = f"failed unexpectedly while {step} ({type(err).__name__})"
-    frames = traceback.extract_tb(err.__traceback__)
-    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
-    log.error("%s: rejected: %s at %s", shown(file_name), reason, where)
-    return reason
+def _isolated(
+    ctx: RunContext, session: Session, record: InputFile, step: str, work: Callable[[], T]
+) -> T | None:
+    """work() for one file; when it fails, that file alone is rejected (and None returned):
+    with its FileRejected reason, or, for a failure no check foresaw, with the exception's type
+    only (its message may quote the data), logged with where it happened."""
+    try:
+        return work()
+    except FileRejected as err:
+        reason = err.reason
+        log.warning("%s: rejected: %s", shown(record.file_name), reason)
+    except SQLAlchemyError:
+        raise  # the ledger failing is no fault of the file
+    except Exception as err:  # noqa: BLE001 - one poison file must not stop the others
+        reason = f"failed unexpectedly while {step} ({type(err).__name__})"
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        log.error("%s: rejected: %s at %s", shown(record.file_name), reason, where)
+    reject_file(ctx, session, record, reason, quarantine=None)
+    return None
 
 
 def _today() -> date:
@@ -231,15 +240,8 @@ def validate_files(ctx: RunContext) -> dict[str, int]:
         rosters: dict[str, pa.Table | None] = {}
         for record in pending:
             counts["files"] += 1
-            try:
-                verdict = _validate_one(ctx, session, record, rosters)
-            except SQLAlchemyError:
-                raise  # the ledger failing is no fault of the file
-            except Exception as err:  # noqa: BLE001 - one poison file must not stop the others
-                reason = unexpected_failure("validating", err, record.file_name)
-                reject_file(ctx, session, record, reason, quarantine=None)
-                counts["rejected"] += 1
-                continue
+            validate = partial(_validate_one, ctx, session, record, rosters)
+            verdict = _isolated(ctx, session, record, "validating", validate)
             if verdict is None:
                 counts["rejected"] += 1
                 continue
