@@ -266,3 +266,28 @@ def test_killed_around_the_archive_the_rerun_processes_the_file_exactly_once(
     assert b"".join(decrypted_file(settings, Path(files[0].archived_path or "").resolve())) == (
         SAMPLE.read_bytes()
     )
+
+
+def test_a_file_replaced_during_its_ingest_is_left_for_the_next_run(
+    settings, tmp_path, monkeypatch
+):
+    drop = drop_with(tmp_path, "acme", {"claims.csv": SAMPLE.read_bytes()})
+    newer = SAMPLE.read_bytes().replace(b"CLM5007", b"CLM9007")
+    real_copy = pipeline.intake.steps.archive_copy
+
+    def copy_then_reupload(*args: Any) -> Path:
+        archived = real_copy(*args)
+        # The insurer uploads a corrected file under the same name (temporary name, rename).
+        (drop / "acme" / "claims.csv.part").write_bytes(newer)
+        (drop / "acme" / "claims.csv.part").replace(drop / "acme" / "claims.csv")
+        return archived
+
+    monkeypatch.setattr("pipeline.intake.steps.archive_copy", copy_then_reupload)
+    ingest_and_validate(settings, drop)
+    assert (drop / "acme" / "claims.csv").read_bytes() == newer  # not removed unread
+    monkeypatch.undo()
+    ingest_and_validate(settings, drop)
+    with open_ledger(settings.ledger_url)() as session:
+        files = session.scalars(select(InputFile).order_by(InputFile.file_id)).all()
+    assert [(f.file_name, f.version) for f in files] == [("claims.csv", 1), ("claims.csv", 2)]
+    assert not (drop / "acme" / "claims.csv").exists()

@@ -41,6 +41,9 @@ class DroppedFile:
     kind: str
     sha256: str
     size_bytes: int
+    # (device, inode, size, mtime) when it was hashed: the file removed from landing after
+    # its commit must still be this one, not a newer upload under the same name.
+    identity: tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -72,14 +75,16 @@ def scan_landing(drop: Path) -> Landing:
                 refused.append(RefusedEntry(path, folder.name, _kind_of_entry(mode)))
                 continue
             try:
+                identity = _identity(path)
                 sha256 = file_sha256(path)
             except OSError as err:
                 reason = f"unreadable ({type(err).__name__})"
                 refused.append(RefusedEntry(path, folder.name, reason))
                 continue
-            files.append(
-                DroppedFile(path, folder.name, profile.kind_of(path), sha256, path.stat().st_size)
-            )
+            if _identity(path) != identity:
+                continue  # still being written: the next run takes it
+            kind = profile.kind_of(path)
+            files.append(DroppedFile(path, folder.name, kind, sha256, identity[2], identity))
     return Landing(files, refused)
 
 
@@ -134,7 +139,14 @@ def archive_copy(dropped: DroppedFile, archive_dir: Path, day: date, keyring: Ke
 
 
 def remove_from_landing(dropped: DroppedFile, archived: Path) -> None:
-    """Finish the move into the archive: the landing file goes, its marker goes beside the copy."""
+    """Finish the move into the archive: the landing file goes, its marker goes beside the copy.
+    A file replaced since it was hashed (a new upload under the same name) stays for the next
+    run."""
+    try:
+        if _identity(dropped.path) != dropped.identity:
+            return
+    except FileNotFoundError:
+        pass
     dropped.path.unlink(missing_ok=True)
     marker = _marker(dropped.path)
     if marker is not None:
@@ -150,6 +162,11 @@ def archive_context(path: Path, archive_dir: Path) -> str:
 def archived_drops(archive_dir: Path) -> list[Path]:
     """Every archived drop (markers left out)."""
     return sorted(p for p in archive_dir.glob("*/*/*") if p.is_file() and p.suffix != MARKER)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    found = path.lstat()
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
 
 def file_sha256(path: Path) -> str:
