@@ -1,8 +1,9 @@
 """Ingest stage: read a dropped file in record batches onto a contract, never losing a row.
 
-Formats: CSV and pipe-delimited text (either gzip-compressed), parquet, and FHIR
-ExplanationOfBenefit resources (NDJSON or Bundle JSON, see pipeline.intake.fhir). An insurer's own
-column names map onto the contract through its profile (pipeline.intake.profiles).
+Formats: CSV and pipe-delimited text (either gzip-compressed, told by its content), parquet,
+and FHIR ExplanationOfBenefit resources (NDJSON or Bundle JSON, see pipeline.intake.fhir), read
+within the insurer's limits (pipeline.intake.limits). An insurer's own column names map onto
+the contract through its profile (pipeline.intake.profiles).
 
 Every row either comes out typed or leaves a quarantine reason (file, row, field, rule,
 message). Row numbers are what a person finds in the file: for text, the record number with
@@ -12,7 +13,8 @@ read at all raises FileRejected; its partial output is removed, so nothing of it
 
 from __future__ import annotations
 
-import gzip
+import io
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +25,18 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import FileRejected
+from pipeline.intake.limits import DEFAULT_LIMITS, ReadLimits, is_gzip, open_input
 from pipeline.records.atrest import Keyring
 from pipeline.records.atrest_parquet import open_writer
 from pipeline.records.contracts import Contract, ContractField, load_contract
 
 ROW = "_row"
 BATCH_ROWS = 250_000
-# The streaming CSV reader holds several blocks at once: 4 MB keeps that near 150 MB.
+# The streaming CSV reader holds several blocks at once: 4 MB keeps that near 150 MB. A record
+# longer than a block is refused (arrow: "straddling object"), so no line is held whole.
 _BLOCK_BYTES = 4 << 20
+# The header is read on its own: a file without line breaks is not read into memory.
+_MAX_HEADER_CHARS = 1 << 20
 _PATTERNS = {
     "date": r"^\d{4}-\d{2}-\d{2}$",
     "decimal": r"^-?\d{1,10}(\.\d{1,2})?$",
@@ -80,11 +86,13 @@ def ingest_file(
     columns: Mapping[str, str],
     contract: Contract,
     keyring: Keyring,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> IngestResult:
     """Type every record of `path` onto `contract`, streaming; write typed rows and reasons,
     both encrypted at rest under `keyring` (pipeline.records.atrest_parquet).
 
-    `columns` maps the file's own column names to contract field names (identity otherwise).
+    `columns` maps the file's own column names to contract field names (identity otherwise);
+    `limits` bound what reading may cost (pipeline.intake.limits).
     """
     typed_schema = contract.staging_schema.append(pa.field(ROW, pa.int64(), nullable=False))
     parsed_tmp, quarantine_tmp = _tmp(parsed_out), _tmp(quarantine_out)
@@ -95,7 +103,7 @@ def ingest_file(
             open_writer(quarantine_tmp, quarantine_schema(), keyring) as quarantine,
         ):
             for text, reasons in read_text_batches(
-                path, fmt=fmt, columns=columns, contract=contract
+                path, fmt=fmt, columns=columns, contract=contract, limits=limits
             ):
                 typed, type_reasons = type_batch(text, contract, path.name)
                 rows_in += text.num_rows + len({r["row_number"] for r in reasons})
@@ -112,19 +120,24 @@ def ingest_file(
 
 
 def read_text_batches(
-    path: Path, *, fmt: str, columns: Mapping[str, str], contract: Contract
+    path: Path,
+    *,
+    fmt: str,
+    columns: Mapping[str, str],
+    contract: Contract,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> Iterator[tuple[pa.RecordBatch, list[dict[str, object]]]]:
     """(text batch with contract columns and _row, reasons for records that could not be read)."""
     try:
         if fmt in DELIMITERS:
-            yield from _text_batches(path, DELIMITERS[fmt], columns, contract)
+            yield from _text_batches(path, DELIMITERS[fmt], columns, contract, limits)
         elif fmt == "parquet":
             yield from _parquet_batches(path, columns, contract)
         elif fmt == "fhir":
-            yield from _fhir_batches(path, contract)
+            yield from _fhir_batches(path, contract, limits)
         else:
             raise FileRejected(path.name, f"unknown format {fmt!r}")
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, EOFError) as err:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, EOFError, zlib.error) as err:
         # Arrow's message can quote the offending bytes (PHI); only its kind is kept.
         raise FileRejected(path.name, f"unreadable as {fmt}: {_kind(err)}") from err
 
@@ -220,11 +233,24 @@ def _check_required(
 
 
 def _text_batches(
-    path: Path, delimiter: str, columns: Mapping[str, str], contract: Contract
+    path: Path, delimiter: str, columns: Mapping[str, str], contract: Contract, limits: ReadLimits
 ) -> Iterator[tuple[pa.RecordBatch, list[dict[str, object]]]]:
-    header = _read_header(path, delimiter)
+    header = _read_header(path, delimiter, limits)
     sources = _sources(contract, columns)
     _check_required(path.name, set(header), sources, contract)
+    # Arrow reads plain text itself (faster than through a Python stream); gzip data goes
+    # through the bounded inflater.
+    if is_gzip(path):
+        source = pa.PythonFile(open_input(path, limits), mode="r")
+    else:
+        source = pa.input_stream(str(path), compression=None)
+    with source:
+        yield from _numbered_batches(path, source, header, sources, delimiter)
+
+
+def _numbered_batches(
+    path: Path, source: pa.NativeFile, header: list[str], sources: dict[str, str], delimiter: str
+) -> Iterator[tuple[pa.RecordBatch, list[dict[str, object]]]]:
     bad_records: list[tuple[int, int]] = []
 
     def set_aside(row: pacsv.InvalidRow) -> str:
@@ -233,7 +259,7 @@ def _text_batches(
         return "skip"
 
     reader = pacsv.open_csv(
-        pa.input_stream(str(path)),  # decompresses .gz by its suffix
+        source,
         # Single-threaded so that set-aside rows carry their record number.
         read_options=pacsv.ReadOptions(use_threads=False, block_size=_BLOCK_BYTES),
         parse_options=pacsv.ParseOptions(
@@ -303,7 +329,7 @@ def _parquet_batches(
 
 
 def _fhir_batches(
-    path: Path, contract: Contract
+    path: Path, contract: Contract, limits: ReadLimits
 ) -> Iterator[tuple[pa.RecordBatch, list[dict[str, object]]]]:
     from pipeline.intake.fhir import read_fhir_claim_lines
 
@@ -311,7 +337,7 @@ def _fhir_batches(
     schema = pa.schema([(name, pa.string()) for name in names])
     rows: list[dict[str, str | None]] = []
     first = 1
-    for row in read_fhir_claim_lines(path):
+    for row in read_fhir_claim_lines(path, limits):
         rows.append(row)
         if len(rows) == BATCH_ROWS:
             yield _fhir_batch(rows, schema, first), []
@@ -345,15 +371,19 @@ def _text(batch: pa.RecordBatch, name: str) -> pa.Array:
     return batch.column(index)
 
 
-def _read_header(path: Path, delimiter: str) -> list[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+def _read_header(path: Path, delimiter: str, limits: ReadLimits) -> list[str]:
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as stream:
-            first = stream.readline()
+        with (
+            open_input(path, limits) as raw,
+            io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as stream,
+        ):
+            first = stream.readline(_MAX_HEADER_CHARS + 1)
     except UnicodeDecodeError as err:
         raise FileRejected(path.name, f"header is not UTF-8 text (byte {err.start})") from err
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise FileRejected(path.name, f"unreadable: {type(err).__name__}") from err
+    if len(first) > _MAX_HEADER_CHARS:
+        raise FileRejected(path.name, f"header row longer than {_MAX_HEADER_CHARS} characters")
     if not first.strip():
         raise FileRejected(path.name, "empty file or no header row")
     names = pacsv.read_csv(

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.intake.limits import DEFAULT_LIMITS, ReadLimits
 from pipeline.records.contracts import load_contract
 from pipeline.resources import CONFIG_DIR
 
 PROFILES_DIR = CONFIG_DIR / "insurers"
 FORMATS = ("auto", "csv", "pipe", "parquet", "fhir")
 COMPLETIONS = ("rename", "marker")
+# Read-limit settings in MiB (pipeline.intake.limits.ReadLimits).
+_SIZE_LIMITS = ("max_inflated_mib", "max_json_mib")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class InsurerProfile:
     roster_pattern: str = "roster*"
     claims: FileKindProfile = FileKindProfile()
     roster: FileKindProfile = FileKindProfile()
+    # What reading one of its files may cost (gzip inflation, JSON size).
+    limits: ReadLimits = DEFAULT_LIMITS
 
     def kind_of(self, path: Path) -> str:
         return "roster" if path.match(self.roster_pattern) else "claims"
@@ -53,7 +58,15 @@ def load_profile(insurer: str, directory: Path = PROFILES_DIR) -> InsurerProfile
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"reading {path}: {err}") from err
     where = f"{path.name}:"
-    unknown = set(raw) - {"completion", "max_bad_row_share", "roster_pattern", "claims", "roster"}
+    unknown = set(raw) - {
+        "completion",
+        "max_bad_row_share",
+        "roster_pattern",
+        "claims",
+        "roster",
+        "max_gzip_ratio",
+        *_SIZE_LIMITS,
+    }
     if unknown:
         raise ConfigError(f"{where} unknown setting {sorted(unknown)[0]!r}")
     completion = raw.get("completion", "rename")
@@ -69,7 +82,21 @@ def load_profile(insurer: str, directory: Path = PROFILES_DIR) -> InsurerProfile
         roster_pattern=str(raw.get("roster_pattern", "roster*")),
         claims=_kind(raw.get("claims", {}), "claims", "claim_line", where),
         roster=_kind(raw.get("roster", {}), "roster", "roster", where),
+        limits=_limits(raw, where),
     )
+
+
+def _limits(raw: dict[str, Any], where: str) -> ReadLimits:
+    ratio = raw.get("max_gzip_ratio", DEFAULT_LIMITS.max_gzip_ratio)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio < 1:
+        raise ConfigError(f"{where} max_gzip_ratio must be a number of at least 1")
+    sizes: dict[str, int] = {}
+    for key in _SIZE_LIMITS:
+        value = raw.get(key, getattr(DEFAULT_LIMITS, key))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where} {key} must be a whole number of MiB, at least 1")
+        sizes[key] = value
+    return ReadLimits(max_gzip_ratio=float(ratio), **sizes)
 
 
 def _kind(raw: Any, key: str, contract_name: str, where: str) -> FileKindProfile:
