@@ -21,16 +21,13 @@ from hypothesis import strategies as st
 from pypdf import PdfReader
 from reportlab.pdfbase.pdfmetrics import stringWidth
 
-from pipeline.documents import render
+from pipeline.documents import wording as wording_module
 from pipeline.documents.codes import load_code_book
-from pipeline.documents.render import (
-    format_money,
-    load_wording,
-    render_all,
-    render_statement_pdf,
-    wording_for,
-)
+from pipeline.documents.layout import COLUMN_WIDTHS
+from pipeline.documents.page import MARGIN
+from pipeline.documents.render import render_all, render_statement_pdf
 from pipeline.documents.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.documents.wording import format_money, load_branding, load_wording, wording_for
 from pipeline.errors import ConfigError
 from pipeline.records.atrest import parse_keys, read_decrypted
 
@@ -205,8 +202,8 @@ def test_long_provider_name_wraps_inside_its_column(tmp_path: Path) -> None:
     # Wrapped: the name is spread over several lines of the cell...
     assert sum(1 for row in text.splitlines() if row.strip() and row.strip() in name) >= 3
     # ...and no piece of it crosses into the next column.
-    left = render.MARGIN + render.COLUMN_WIDTHS[0]
-    right = left + render.COLUMN_WIDTHS[1]
+    left = MARGIN + COLUMN_WIDTHS[0]
+    right = left + COLUMN_WIDTHS[1]
     pieces = [
         (tm[4] + cm[4], piece.strip())
         for piece, cm, tm in _fragments(page)
@@ -305,9 +302,9 @@ def test_load_wording_refuses_a_missing_file() -> None:
 def test_load_wording_refuses_a_broken_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any, message: str
 ) -> None:
-    english = (render.TEMPLATES_DIR / "eob_document.en.toml").read_text(encoding="utf-8")
+    english = (wording_module.TEMPLATES_DIR / "eob_document.en.toml").read_text(encoding="utf-8")
     (tmp_path / "eob_document.xx.toml").write_text(change(english), encoding="utf-8")
-    monkeypatch.setattr(render, "TEMPLATES_DIR", tmp_path)
+    monkeypatch.setattr(wording_module, "TEMPLATES_DIR", tmp_path)
     load_wording.cache_clear()
     try:
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -492,13 +489,13 @@ def test_render_all_over_processes_writes_every_statement_encrypted(tmp_path: Pa
 def test_load_branding_refuses_a_broken_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any, message: str
 ) -> None:
-    original = render.TEMPLATES_DIR / "branding.toml"
+    original = wording_module.TEMPLATES_DIR / "branding.toml"
     (tmp_path / "branding.toml").write_text(change(original.read_text(encoding="utf-8")))
-    (tmp_path / "logo.png").write_bytes((render.TEMPLATES_DIR / "logo.png").read_bytes())
-    monkeypatch.setattr(render, "TEMPLATES_DIR", tmp_path)
-    render.load_branding.cache_clear()
+    (tmp_path / "logo.png").write_bytes((wording_module.TEMPLATES_DIR / "logo.png").read_bytes())
+    monkeypatch.setattr(wording_module, "TEMPLATES_DIR", tmp_path)
+    load_branding.cache_clear()
     try:
         with pytest.raises(ConfigError, match=message):
-            render.load_branding()
+            load_branding()
     finally:
-        render.load_branding.cache_clear()
+        load_branding.cache_clear()
