@@ -18,9 +18,14 @@ once per process.
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import gc
 import io
+import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -227,20 +232,42 @@ def render_all(
         yield from map(render, shards, shard_passwords)
         return
     # Warmed here, the caches are inherited by forked workers; the initializer warms them
-    # where workers are spawned instead.
+    # where workers are spawned instead. The start method is named, not taken from a global
+    # setting: on Linux the workers must be forked by this process (see _die_with_parent).
     _warm_up(plan_name)
     with ProcessPoolExecutor(
-        max_workers=min(workers, len(shards)), initializer=_start_worker, initargs=(plan_name,)
+        max_workers=min(workers, len(shards)),
+        mp_context=multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn"),
+        initializer=_start_worker,
+        initargs=(plan_name, os.getpid()),
     ) as pool:
         yield from pool.map(render, shards, shard_passwords)
 
 
-def _start_worker(plan_name: str) -> None:
+def _start_worker(plan_name: str, parent_pid: int) -> None:
     """Once per render process. What it inherited from the parent is moved out of the
     garbage collector's reach: collections in the worker would otherwise touch (and so copy)
     every inherited page of memory."""
+    if sys.platform == "linux":
+        _die_with_parent(parent_pid)
     gc.freeze()
     _warm_up(plan_name)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when its parent ends, however it ends: after a
+    `kill -9` of the render step, orphaned workers would otherwise wait on their task queue
+    for good. The signal is tied to the parent thread that forked the worker: the one
+    iterating render_all, which holds the pool open until it is done."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # The parent may have ended between the fork and the prctl: then no signal comes.
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _warm_up(plan_name: str) -> None:
