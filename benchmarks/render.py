@@ -30,8 +30,10 @@ from reportlab.lib.pagesizes import LETTER
 from reportlab.pdfgen.canvas import Canvas
 
 from pipeline.documents.codes import load_code_book
-from pipeline.documents.render import BRANDING, format_money, render_all, wording_for
+from pipeline.documents.page import BRANDING
+from pipeline.documents.render import render_all
 from pipeline.documents.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.documents.wording import format_money, wording_for
 from pipeline.records.atrest import load_keyring
 
 PROVIDERS = ["Valley Medical Group", "Sunrise Physical Therapy", "Valley Imaging Center",

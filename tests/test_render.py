@@ -8,8 +8,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -21,16 +25,13 @@ from hypothesis import strategies as st
 from pypdf import PdfReader
 from reportlab.pdfbase.pdfmetrics import stringWidth
 
-from pipeline.documents import render
+from pipeline.documents import wording as wording_module
 from pipeline.documents.codes import load_code_book
-from pipeline.documents.render import (
-    format_money,
-    load_wording,
-    render_all,
-    render_statement_pdf,
-    wording_for,
-)
+from pipeline.documents.layout import COLUMN_WIDTHS
+from pipeline.documents.page import MARGIN
+from pipeline.documents.render import render_all, render_statement_pdf
 from pipeline.documents.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.documents.wording import format_money, load_branding, load_wording, wording_for
 from pipeline.errors import ConfigError
 from pipeline.records.atrest import parse_keys, read_decrypted
 
@@ -205,8 +206,8 @@ def test_long_provider_name_wraps_inside_its_column(tmp_path: Path) -> None:
     # Wrapped: the name is spread over several lines of the cell...
     assert sum(1 for row in text.splitlines() if row.strip() and row.strip() in name) >= 3
     # ...and no piece of it crosses into the next column.
-    left = render.MARGIN + render.COLUMN_WIDTHS[0]
-    right = left + render.COLUMN_WIDTHS[1]
+    left = MARGIN + COLUMN_WIDTHS[0]
+    right = left + COLUMN_WIDTHS[1]
     pieces = [
         (tm[4] + cm[4], piece.strip())
         for piece, cm, tm in _fragments(page)
@@ -305,9 +306,9 @@ def test_load_wording_refuses_a_missing_file() -> None:
 def test_load_wording_refuses_a_broken_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any, message: str
 ) -> None:
-    english = (render.TEMPLATES_DIR / "eob_document.en.toml").read_text(encoding="utf-8")
+    english = (wording_module.TEMPLATES_DIR / "eob_document.en.toml").read_text(encoding="utf-8")
     (tmp_path / "eob_document.xx.toml").write_text(change(english), encoding="utf-8")
-    monkeypatch.setattr(render, "TEMPLATES_DIR", tmp_path)
+    monkeypatch.setattr(wording_module, "TEMPLATES_DIR", tmp_path)
     load_wording.cache_clear()
     try:
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -492,13 +493,84 @@ def test_render_all_over_processes_writes_every_statement_encrypted(tmp_path: Pa
 def test_load_branding_refuses_a_broken_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any, message: str
 ) -> None:
-    original = render.TEMPLATES_DIR / "branding.toml"
+    original = wording_module.TEMPLATES_DIR / "branding.toml"
     (tmp_path / "branding.toml").write_text(change(original.read_text(encoding="utf-8")))
-    (tmp_path / "logo.png").write_bytes((render.TEMPLATES_DIR / "logo.png").read_bytes())
-    monkeypatch.setattr(render, "TEMPLATES_DIR", tmp_path)
-    render.load_branding.cache_clear()
+    (tmp_path / "logo.png").write_bytes((wording_module.TEMPLATES_DIR / "logo.png").read_bytes())
+    monkeypatch.setattr(wording_module, "TEMPLATES_DIR", tmp_path)
+    load_branding.cache_clear()
     try:
         with pytest.raises(ConfigError, match=message):
-            render.load_branding()
+            load_branding()
     finally:
-        render.load_branding.cache_clear()
+        load_branding.cache_clear()
+
+
+# Renders many statements over two processes, and says so once the first shard is written.
+_RENDER_MANY = """
+import base64, dataclasses, sys
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from pipeline.documents.render import render_all
+from pipeline.documents.statements import Member, Statement, StatementLine
+from pipeline.records.atrest import parse_keys
+
+member = Member("M1", "Ana", "Perez", "1 Main St", "San Jose", "CA", "95112", "a@example.org")
+line = StatementLine("C1", 1, date(2025, 1, 2), "Valley Medical Group", "99213", "Office visit",
+                     Decimal("100.00"), Decimal("80.00"), Decimal("60.00"), Decimal("20.00"))
+statements = [Statement(f"s{n:024d}", member, line.service_date, line.service_date, (line,) * 6)
+              for n in range(20000)]
+keyring = parse_keys(f"k1:{base64.b64encode(bytes(32)).decode()}", source="test")
+for _ in render_all(statements, plan_name="Plan", out_dir=Path(sys.argv[1]), keyring=keyring,
+                    workers=2, shard_size=20):
+    print("rendering", flush=True)
+"""
+
+
+def _children_of(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                row.split(":\t", 1) for row in status.read_text().splitlines() if ":\t" in row
+            )
+        except OSError:  # the process ended while we looked
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.add(int(status.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_render_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    # A `kill -9` of the render step must not leave its workers rendering (or waiting) on.
+    child = subprocess.Popen(
+        [sys.executable, "-c", _RENDER_MANY, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    workers: set[int] = set()
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "rendering\n"
+        workers = _children_of(child.pid)
+        assert len(workers) >= 2
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 2
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if _running(pid)]
+    finally:
+        child.kill()
+        child.wait()
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.render import TEMPLATES_DIR, render_statement_pdf
-from pipeline.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.documents.render import render_statement_pdf
+from pipeline.documents.statements import Accumulator, LineStatus, Member, Statement, StatementLine
+from pipeline.resources import TEMPLATES_DIR
 
 HERE = Path(__file__).resolve().parent
 MEMBER = Member("M000123", "Ana María", "Pérez", "1234 Avenida de la Constitución, Apt 5B",
