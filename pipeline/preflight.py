@@ -44,7 +44,7 @@ def _insurer_profiles(_settings: Settings, drop: Path | None) -> None:
 
 
 def _document_wording(_settings: Settings, _drop: Path | None) -> None:
-    from pipeline.documents.render import load_wording
+    from pipeline.documents.wording import load_wording
     from pipeline.documents.templates import _document_languages
 
     for language in sorted(_document_languages()):
