@@ -44,8 +44,8 @@ def _insurer_profiles(_settings: Settings, drop: Path | None) -> None:
 
 
 def _document_wording(_settings: Settings, _drop: Path | None) -> None:
-    from pipeline.documents.wording import load_wording
     from pipeline.documents.templates import _document_languages
+    from pipeline.documents.wording import load_wording
 
     for language in sorted(_document_languages()):
         load_wording(language)
