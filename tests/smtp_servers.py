@@ -225,10 +225,11 @@ def deliver_settings(
     database_url: str = "",
     ips: Sequence[str] = ("127.0.0.30",),
     connections_per_ip: int = 1,
+    fallback: str = "notification",
 ) -> Settings:
     """Settings for a deliver pass against a test server on `port` (TLS from tmp_path/certs)."""
     policy_file = tmp_path / "sending.toml"
-    policy_file.write_text(policy_toml(ips, connections_per_ip))
+    policy_file.write_text(policy_toml(ips, connections_per_ip, fallback))
     return Settings(data_dir=tmp_path / "data", database_url=database_url, smtp_port=port,
                     tls_ca_file=str(tmp_path / "certs" / "ca.pem"),
                     sending_policy_file=str(policy_file))  # fmt: skip

@@ -16,7 +16,14 @@ from pipeline.records.ledger import open_ledger
 from pipeline.records.ledger.models import Message, Statement
 from pipeline.records.ledger.states import MessageState
 from pipeline.runner import run_stage
-from tests.smtp_servers import Receiver, Script, policy_toml, seed_run, smtp_server
+from tests.smtp_servers import (
+    Receiver,
+    Script,
+    deliver_settings,
+    policy_toml,
+    seed_run,
+    smtp_server,
+)
 
 IPS = ("127.0.0.28", "127.0.0.29")
 
@@ -24,11 +31,7 @@ IPS = ("127.0.0.28", "127.0.0.29")
 def settings_for(
     tmp_path: Path, port: int, database_url: str, fallback: str = "notification"
 ) -> Settings:
-    policy_file = tmp_path / "sending.toml"
-    policy_file.write_text(policy_toml(IPS, 1, fallback))
-    return Settings(data_dir=tmp_path / "data", database_url=database_url, smtp_port=port,
-                    tls_ca_file=str(tmp_path / "certs" / "ca.pem"),
-                    sending_policy_file=str(policy_file))  # fmt: skip
+    return deliver_settings(tmp_path, port, database_url, IPS, 1, fallback)
 
 
 def test_a_deferral_waits_its_backoff_then_expires_past_max_age(tmp_path, ledger_url):
