@@ -25,7 +25,9 @@ def test_the_states_are_the_documented_ones():
     assert {s.value for s in MessageState} == STATES
 
 
-@pytest.mark.parametrize(("from_state", "to_state"), itertools.product(sorted(STATES), repeat=2))
+@pytest.mark.parametrize(
+    ("from_state", "to_state"), list(itertools.product(sorted(STATES), repeat=2))
+)
 def test_a_move_is_allowed_exactly_when_documented(from_state, to_state):
     allowed = MessageState(to_state) in MESSAGE_TRANSITIONS[MessageState(from_state)]
     assert allowed == ((from_state, to_state) in ALLOWED)

@@ -251,7 +251,8 @@ async def _lane_worker(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
             if message.message_id in refused:  # another deliver process has it
                 continue
             result, connection = await _attempt(connection, route, message, content, env)
-            if result.code is None or result.code >= 400:
+            # A message refused for its own sake (FAILED) says nothing about the lane.
+            if result.outcome != Outcome.FAILED and (result.code is None or result.code >= 400):
                 rule = lane.observe(result.code, result.reply)
                 if rule is not None:
                     log.warning("back-off %s fired for %s/%s: %s", rule.name, lane.ip,
