@@ -8,12 +8,16 @@ receiver.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +131,21 @@ class _Controller(Controller):
 
 @contextmanager
 def smtp_server(
-    receiver: Receiver, certs_dir: Path | None, host: str = HOST, require_starttls: bool = True
+    receiver: Receiver,
+    certs_dir: Path | None,
+    host: str = HOST,
+    require_starttls: bool = True,
+    smtputf8: bool = False,
 ) -> Iterator[int]:
-    """A server on a free port; STARTTLS offered when `certs_dir` is given."""
+    """A server on a free port; STARTTLS offered when `certs_dir` is given, SMTPUTF8 when
+    `smtputf8`."""
     port = free_port(host)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
     if certs_dir is not None:
         certs = ensure_certificates(certs_dir, host)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(certs.cert_file, certs.key_file)
-        kwargs = {"tls_context": context, "require_starttls": require_starttls}
+        kwargs |= {"tls_context": context, "require_starttls": require_starttls}
     controller = _Controller(receiver, hostname=host, port=port, ready_timeout=10, **kwargs)
     controller.start()
     try:
@@ -208,3 +217,68 @@ def seed_run(settings: Settings, count: int, run_id: str = "rsend") -> str:
         )
     run_stage(settings, run_id, "plan")
     return run_id
+
+
+def deliver_settings(
+    tmp_path: Path,
+    port: int,
+    database_url: str = "",
+    ips: Sequence[str] = ("127.0.0.30",),
+    connections_per_ip: int = 1,
+    fallback: str = "notification",
+) -> Settings:
+    """Settings for a deliver pass against a test server on `port` (TLS from tmp_path/certs)."""
+    policy_file = tmp_path / "sending.toml"
+    policy_file.write_text(policy_toml(ips, connections_per_ip, fallback))
+    return Settings(data_dir=tmp_path / "data", database_url=database_url, smtp_port=port,
+                    tls_ca_file=str(tmp_path / "certs" / "ca.pem"),
+                    sending_policy_file=str(policy_file))  # fmt: skip
+
+
+def deliver(settings: Settings) -> dict[str, int]:
+    """One deliver pass in this process, as `eob deliver` runs it."""
+    from pipeline.delivery.steps import send_due
+    from pipeline.records.run_context import LedgerContext, ledger_sessions
+
+    return send_due(LedgerContext(settings, ledger_sessions(settings.ledger_url)))
+
+
+# One deliver pass in a child process; an EobError ends it with its one-line message, as
+# the command line does. {setup} runs first (e.g. to limit the database's size).
+_DELIVER_CHILD = """
+import sys
+from pipeline.config import load_settings
+from pipeline.delivery.steps import send_due
+from pipeline.errors import EobError
+from pipeline.records.run_context import LedgerContext, ledger_sessions
+{setup}
+settings = load_settings()
+try:
+    print(send_due(LedgerContext(settings, ledger_sessions(settings.ledger_url))))
+except EobError as err:
+    print(err, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def deliver_process(settings: Settings, setup: str = "") -> subprocess.Popen[str]:
+    """A deliver pass in a child process (`python -c`), configured by EOB_* variables."""
+    env = os.environ | {
+        "EOB_DATA_DIR": str(settings.data_dir),
+        "EOB_DATABASE_URL": settings.ledger_url,
+        "EOB_SMTP_PORT": str(settings.smtp_port),
+        "EOB_TLS_CA_FILE": str(settings.tls_ca_file),
+        "EOB_SENDING_POLICY_FILE": str(settings.sending_policy_file),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", _DELIVER_CHILD.format(setup=setup)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def arrived_message_ids(receiver: Receiver) -> Counter[str]:
+    """How many times each message (by its Message-ID's local part) reached the receiver."""
+    return Counter(
+        str(message_from_bytes(a.content)["Message-ID"]).strip("<>").split("@")[0]
+        for a in receiver.arrivals
+    )

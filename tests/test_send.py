@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import tomllib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +73,31 @@ def send(
     render: Callable[[Outgoing], bytes] = statement,
 ) -> dict[str, SendResult]:
     events: list[Event] = []
+
+    def record(batch: Sequence[Event]) -> frozenset[str]:
+        events.extend(batch)
+        return frozenset()  # every claim granted
+
     callbacks = Callbacks(
         render=render,
         notice=lambda m: f"Subject: notice\r\nX-Id: {m.message_id}\r\n\r\nportal\r\n".encode(),
-        record=events.extend,
+        record=record,
     )
     send_all(messages, sending or policy(), FixedRoute(port), tls_context(str(ca_file)), callbacks)
     claimed = [e.message.message_id for e in events if isinstance(e, Claim)]
     results = [e for e in events if isinstance(e, SendResult)]
     # Each message gets exactly one result; each attempted one was claimed once, before it.
     assert sorted(r.message_id for r in results) == sorted(m.message_id for m in messages)
-    attempted = [r.message_id for r in results if r.outcome != Outcome.HELD]
-    assert sorted(claimed) == sorted(attempted)
+    # A held message was never claimed; one that could not be composed may not have been.
+    assert len(claimed) == len(set(claimed))
+    for result in results:
+        if result.outcome == Outcome.HELD:
+            assert result.message_id not in claimed
+        elif result.outcome != Outcome.FAILED:
+            assert result.message_id in claimed
     claimed_at = {e.message.message_id: i for i, e in enumerate(events) if isinstance(e, Claim)}
     for at, event in enumerate(events):
-        if isinstance(event, SendResult) and event.outcome != Outcome.HELD:
+        if isinstance(event, SendResult) and event.message_id in claimed_at:
             assert claimed_at[event.message_id] < at
     return {r.message_id: r for r in results}
 
@@ -197,14 +207,24 @@ def test_a_retry_hint_is_passed_on(certs):
     assert results["m1"].outcome == Outcome.DEFERRED and results["m1"].retry_after == 600
 
 
-def test_a_connection_dropped_mid_data_defers_and_the_rest_go_on_a_new_one(certs):
+def test_a_connection_dropped_after_the_final_dot_defers_as_a_possible_duplicate(certs):
+    # The server has the whole message, then drops the connection instead of answering.
     receiver = Receiver(Script(drop_in_data=frozenset({"r2@example.org"})))
     with smtp_server(receiver, certs) as port:
         results = send([outgoing(n) for n in range(1, 5)], port, certs / "ca.pem",
                        policy(max_connections_per_ip=1))  # fmt: skip
     assert (results["m2"].outcome, results["m2"].code) == (Outcome.DEFERRED, None)
+    assert results["m2"].possible_duplicate
     assert [results[f"m{n}"].outcome for n in (1, 3, 4)] == [Outcome.ACCEPTED] * 3
+    assert not any(results[f"m{n}"].possible_duplicate for n in (1, 3, 4))
     assert len({a.connection for a in receiver.arrivals}) == 2
+
+
+def test_a_refusal_before_data_is_a_plain_retry(certs):
+    receiver = Receiver(Script(rcpt_replies={"r1@example.org": "451 4.3.0 try later"}))
+    with smtp_server(receiver, certs) as port:
+        result = send([outgoing(1)], port, certs / "ca.pem")["m1"]
+    assert result.outcome == Outcome.DEFERRED and not result.possible_duplicate
 
 
 @pytest.mark.parametrize(("delay", "outcome"), [(0.2, Outcome.ACCEPTED), (1.5, Outcome.DEFERRED)])
@@ -213,6 +233,70 @@ def test_a_slow_server_is_waited_for_up_to_the_timeout(certs, delay, outcome):
     with smtp_server(receiver, certs) as port:
         results = send([outgoing(1)], port, certs / "ca.pem", policy(timeout=0.8))
     assert results["m1"].outcome == outcome
+    # A timeout after the final dot: the server may have taken it.
+    assert results["m1"].possible_duplicate == (outcome == Outcome.DEFERRED)
+
+
+@pytest.mark.timeout(60)
+def test_a_message_that_cannot_be_composed_fails_alone(certs):
+    def render(message: Outgoing) -> bytes:
+        if message.message_id == "m2":
+            raise UnicodeEncodeError("ascii", "x", 0, 1, "not ASCII")
+        return statement(message)
+
+    receiver = Receiver(Script())
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(n) for n in range(1, 5)], port, certs / "ca.pem",
+                       policy(max_connections_per_ip=1), render=render)  # fmt: skip
+    assert results["m2"].outcome == Outcome.FAILED and results["m2"].code is None
+    assert results["m2"].reply == "not composed: UnicodeEncodeError"
+    assert [results[f"m{n}"].outcome for n in (1, 3, 4)] == [Outcome.ACCEPTED] * 3
+    assert len(receiver.arrivals) == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_ledger_that_fails_stops_every_lane_before_its_next_transaction(certs):
+    durable: list[Sequence[Event]] = []
+    calls = 0
+
+    def record(batch: Sequence[Event]) -> frozenset[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # one failed write, e.g. a full disk
+            raise OSError("disk full")
+        durable.append(batch)
+        return frozenset()
+
+    callbacks = Callbacks(statement, statement, record)
+    receiver = Receiver(Script())
+    with smtp_server(receiver, certs) as port, pytest.raises(OSError, match="disk full"):
+        messages = [outgoing(n, IPS[n % 2]) for n in range(40)]
+        send_all(messages, policy(max_connections_per_ip=2), FixedRoute(port),
+                 tls_context(str(certs / "ca.pem")), callbacks)  # fmt: skip
+    # Nothing is written after the failure, and nothing was sent but what a durable batch
+    # claimed.
+    assert calls == 4
+    claimed = {e.message.recipient for b in durable for e in b if isinstance(e, Claim)}
+    assert {r for a in receiver.arrivals for r in a.recipients} <= claimed
+    assert len(receiver.arrivals) < 40
+
+
+def test_a_refused_claim_is_not_sent_and_gets_no_result(certs):
+    events: list[Event] = []
+
+    def record(batch: Sequence[Event]) -> frozenset[str]:
+        events.extend(batch)
+        return frozenset({"m2"})  # another deliver process holds m2
+
+    receiver, callbacks = Receiver(Script()), Callbacks(statement, statement, record)
+    with smtp_server(receiver, certs) as port:
+        send_all([outgoing(n) for n in range(1, 4)], policy(), FixedRoute(port),
+                 tls_context(str(certs / "ca.pem")), callbacks)  # fmt: skip
+    assert sorted(e.message_id for e in events if isinstance(e, SendResult)) == ["m1", "m3"]
+    assert sorted(r for a in receiver.arrivals for r in a.recipients) == [
+        "r1@example.org",
+        "r3@example.org",
+    ]
 
 
 def test_nothing_listening_defers(certs):

@@ -1,4 +1,5 @@
-"""The send stage through the runner and the ledger: deferral schedule, expiry, TLS fallback."""
+"""The send stage through the runner and the ledger, on SQLite and PostgreSQL: deferral
+schedule, expiry, TLS fallback, a suspended lane."""
 
 from __future__ import annotations
 
@@ -15,24 +16,29 @@ from pipeline.records.ledger import open_ledger
 from pipeline.records.ledger.models import Message, Statement
 from pipeline.records.ledger.states import MessageState
 from pipeline.runner import run_stage
-from tests.smtp_servers import Receiver, Script, policy_toml, seed_run, smtp_server
+from tests.smtp_servers import (
+    Receiver,
+    Script,
+    deliver_settings,
+    policy_toml,
+    seed_run,
+    smtp_server,
+)
 
 IPS = ("127.0.0.28", "127.0.0.29")
 
 
-def settings_for(tmp_path: Path, port: int, fallback: str = "notification") -> Settings:
-    policy_file = tmp_path / "sending.toml"
-    policy_file.write_text(policy_toml(IPS, 1, fallback))
-    return Settings(data_dir=tmp_path / "data", smtp_port=port,
-                    tls_ca_file=str(tmp_path / "certs" / "ca.pem"),
-                    sending_policy_file=str(policy_file))  # fmt: skip
+def settings_for(
+    tmp_path: Path, port: int, database_url: str, fallback: str = "notification"
+) -> Settings:
+    return deliver_settings(tmp_path, port, database_url, IPS, 1, fallback)
 
 
-def test_a_deferral_waits_its_backoff_then_expires_past_max_age(tmp_path):
+def test_a_deferral_waits_its_backoff_then_expires_past_max_age(tmp_path, ledger_url):
     receiver = Receiver(Script(rcpt_replies={"member0@example.org": "451 4.3.0 try later"}))
     retry = load_policy().retry
     with smtp_server(receiver, tmp_path / "certs") as port:
-        settings = settings_for(tmp_path, port)
+        settings = settings_for(tmp_path, port, ledger_url)
         run_id = seed_run(settings, 3)
         assert run_stage(settings, run_id, "send")["deferred"] == 1
         sessions = open_ledger(settings.ledger_url)
@@ -60,12 +66,12 @@ def test_a_deferral_waits_its_backoff_then_expires_past_max_age(tmp_path):
 @pytest.mark.parametrize(("fallback", "channel", "notices"), [("notification", "email", 2),
                                                            ("print", "print", 0)])  # fmt: skip
 def test_without_tls_the_member_gets_the_portal_notice_or_print(
-    tmp_path, fallback, channel, notices
+    tmp_path, ledger_url, fallback, channel, notices
 ):
     ensure_certificates(tmp_path / "certs", "127.0.0.1")
     receiver = Receiver(Script())
     with smtp_server(receiver, None) as port:
-        settings = settings_for(tmp_path, port, fallback)
+        settings = settings_for(tmp_path, port, ledger_url, fallback)
         run_id = seed_run(settings, 2)
         assert run_stage(settings, run_id, "send")["fallback"] == 2
     sessions = open_ledger(settings.ledger_url)
@@ -80,14 +86,14 @@ def test_without_tls_the_member_gets_the_portal_notice_or_print(
         assert b"@example.org" not in arrival.content and b"s0000" not in arrival.content
 
 
-def test_a_suspended_lane_leaves_its_queue_planned_until_the_suspension_ends(tmp_path):
+def test_a_suspended_lane_leaves_its_queue_planned_until_the_suspension_ends(tmp_path, ledger_url):
     receiver = Receiver(Script(rcpt_replies={"member0@example.org": "421 4.7.28 blocked"}))
     suspend = (
         '\n[[backoff]]\nname = "blocked"\npattern = "blocked"\nthreshold_per_hour = 1\n'
         'action = "suspend"\nduration_minutes = 240\n'
     )
     with smtp_server(receiver, tmp_path / "certs") as port:
-        settings = settings_for(tmp_path, port)
+        settings = settings_for(tmp_path, port, ledger_url)
         Path(settings.sending_policy_file).write_text(policy_toml(IPS[:1], 1) + suspend)
         run_id = seed_run(settings, 4)
         counts = run_stage(settings, run_id, "send")

@@ -131,7 +131,9 @@ def _headers(message_id: str, from_address: str, plan_name: str, to: str, subjec
         # One Message-ID per attempt, so a DSN that quotes it leads back to the attempt.
         f"Message-ID: <{message_id}@{from_address.rpartition('@')[2]}>\r\n"
         "MIME-Version: 1.0\r\n"
-    ).encode("ascii")
+        # ASCII but for an internationalized recipient address (RFC 6532): such a message is
+        # handed only to a server that offers SMTPUTF8 (send.py).
+    ).encode()
 
 
 @cache

@@ -11,10 +11,13 @@ nothing, for print), and its outcome says so.
 Persistence is injected as `record`, called with a batch of events: a Claim (the message is
 about to be handed to SMTP) or a SendResult. Every attempted message gets one Claim before its
 transaction and one SendResult after it; a message a suspended lane never attempted gets only a
-SendResult with Outcome.HELD. Events are group-committed: a connection's next Claim is recorded
-in the same batch as its previous result, and its transaction starts only once that batch is
-durable. So at any moment each connection has at most one claimed message without a result,
-and the ledger is written once per batch instead of twice per message.
+SendResult with Outcome.HELD, one that cannot be composed only one with Outcome.FAILED. Events
+are group-committed: a connection's next Claim is recorded in the same batch as its previous
+result, and its transaction starts only once that batch is durable. So at any moment each
+connection has at most one claimed message without a result, and the ledger is written once per
+batch instead of twice per message. `record` may refuse a claim (another deliver process holds
+the message): that message is skipped and gets no result. When `record` fails, every lane stops
+before its next transaction and send_all raises that error.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -47,6 +51,9 @@ class Outcome(StrEnum):
     FALLBACK = "fallback"
     # Not attempted: its lane was suspended by a back-off rule.
     HELD = "held"
+    # Not sent, and not worth retrying: the message could not be composed, or the server
+    # cannot take its address (non-ASCII, no SMTPUTF8).
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class SendResult:
     # The command the server answered when it refused: the bounce rules tell a refused
     # recipient (RCPT) from a content filter (DATA) by it.
     smtp_stage: SmtpStage | None = None
+    # The connection was lost or timed out after the end of DATA: the server may have taken it.
+    possible_duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,41 +96,53 @@ Event = Claim | SendResult
 
 @dataclass(frozen=True)
 class Callbacks:
-    # The signed message bytes, built just before its transaction (keeps memory flat).
+    # The signed message bytes, built just before its claim (keeps memory flat); may raise.
     render: Callable[[Outgoing], bytes]
     # The PHI-free portal notice for a receiver without usable TLS.
     notice: Callable[[Outgoing], bytes]
-    # Makes a batch of events durable, in order; runs in a worker thread, one batch at a time.
-    record: Callable[[Sequence[Event]], None]
+    # Makes a batch of events durable, in order, and returns the ids of the claims it refused;
+    # runs in a worker thread, one batch at a time.
+    record: Callable[[Sequence[Event]], AbstractSet[str]]
 
 
 class GroupCommit:
-    """Collects events from every connection and writes them in batches, one at a time."""
+    """Collects events from every connection and writes them in batches, one at a time. Once
+    a write fails, every commit raises its error: nothing more is claimed or sent."""
 
-    def __init__(self, record: Callable[[Sequence[Event]], None]) -> None:
+    def __init__(self, record: Callable[[Sequence[Event]], AbstractSet[str]]) -> None:
         self._record = record
-        self._pending: list[tuple[Sequence[Event], asyncio.Future[None]]] = []
+        self._pending: list[tuple[Sequence[Event], asyncio.Future[AbstractSet[str]]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._failure: Exception | None = None
 
-    async def commit(self, events: Sequence[Event]) -> None:
-        """Return once `events` are durable."""
-        done = asyncio.get_running_loop().create_future()
+    async def commit(self, events: Sequence[Event]) -> AbstractSet[str]:
+        """Return, once `events` are durable, the ids of the claims among them refused."""
+        if self._failure is not None:
+            raise self._failure
+        done: asyncio.Future[AbstractSet[str]] = asyncio.get_running_loop().create_future()
         self._pending.append((events, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
-        await done
+        return await done
 
     async def _write(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            try:
-                await asyncio.to_thread(self._record, [e for events, _ in batch for e in events])
-            except Exception as err:  # every waiter of the batch sees the ledger's error
-                for _, done in batch:
-                    done.set_exception(err)
-                continue
+            refused: AbstractSet[str] = frozenset()
+            if self._failure is None:
+                try:
+                    refused = await asyncio.to_thread(
+                        self._record, [e for events, _ in batch for e in events]
+                    )
+                except Exception as err:  # every waiter, now and later, sees the ledger's error
+                    self._failure = err
             for _, done in batch:
-                done.set_result(None)
+                if done.cancelled():  # its lane was stopped while it waited
+                    continue
+                if self._failure is not None:
+                    done.set_exception(self._failure)
+                else:
+                    done.set_result(refused)
 
 
 def tls_context(ca_file: Path | str, min_version: str = "1.2") -> ssl.SSLContext:
@@ -139,19 +160,22 @@ def send_all(
     tls: ssl.SSLContext,
     callbacks: Callbacks,
     clock: Callable[[], float] = time.monotonic,
+    lanes: dict[tuple[str, str], Lane] | None = None,
 ) -> None:
-    """Send every message in its lane; returns when every result is recorded."""
+    """Send every message in its lane; returns when every result is recorded. `lanes` keeps
+    each lane's pace and back-off state from one call to the next (one deliver pass sends its
+    backlog in several calls)."""
+    lanes = {} if lanes is None else lanes
     queues: dict[tuple[str, str], deque[Outgoing]] = {}
     for message in messages:
         queues.setdefault((message.source_ip, message.provider), deque()).append(message)
+    for ip, provider in queues:
+        if (ip, provider) not in lanes:
+            lanes[ip, provider] = Lane(ip, policy.providers[provider], policy.backoff, clock)
 
     async def main() -> None:
         env = _Env(policy, router, tls, callbacks, GroupCommit(callbacks.record))
-        lanes = []
-        for (ip, provider), queue in queues.items():
-            lane = Lane(ip, policy.providers[provider], policy.backoff, clock)
-            lanes.append(_run_lane(lane, queue, env))
-        await asyncio.gather(*lanes)
+        await asyncio.gather(*(_run_lane(lanes[key], queue, env) for key, queue in queues.items()))
 
     asyncio.run(main())
 
@@ -185,7 +209,7 @@ class _Connection:
 
 
 async def _run_lane(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
-    workers = min(lane.provider.max_connections_per_ip, len(queue))
+    workers = 0 if lane.suspended else min(lane.provider.max_connections_per_ip, len(queue))
     await asyncio.gather(*(_lane_worker(lane, queue, env) for _ in range(workers)))
     if not queue:
         return
@@ -203,6 +227,13 @@ async def _lane_worker(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
     try:
         while queue and not lane.suspended:
             message = queue.popleft()
+            try:
+                content = env.callbacks.render(message)
+            except Exception as err:  # one message that cannot be composed fails alone
+                log.warning("message %s not composed: %s", message.message_id, type(err).__name__)
+                reason = f"not composed: {type(err).__name__}"
+                unrecorded.append(SendResult(message.message_id, Outcome.FAILED, None, reason))
+                continue
             await lane.take()
             if lane.suspended:  # suspended by another connection's reply while we waited
                 queue.appendleft(message)
@@ -215,9 +246,13 @@ async def _lane_worker(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
             ):
                 await _close(connection.client)
                 connection = None
-            await env.ledger.commit([*unrecorded, Claim(message)])
-            result, connection = await _attempt(connection, route, message, env)
-            if result.code is None or result.code >= 400:
+            refused = await env.ledger.commit([*unrecorded, Claim(message)])
+            unrecorded = []
+            if message.message_id in refused:  # another deliver process has it
+                continue
+            result, connection = await _attempt(connection, route, message, content, env)
+            # A message refused for its own sake (FAILED) says nothing about the lane.
+            if result.outcome != Outcome.FAILED and (result.code is None or result.code >= 400):
                 rule = lane.observe(result.code, result.reply)
                 if rule is not None:
                     log.warning("back-off %s fired for %s/%s: %s", rule.name, lane.ip,
@@ -234,6 +269,7 @@ async def _attempt(
     connection: _Connection | None,
     route: Route,
     message: Outgoing,
+    content: bytes,
     env: _Env,
 ) -> tuple[SendResult, _Connection | None]:
     if connection is None:
@@ -244,7 +280,7 @@ async def _attempt(
         except (aiosmtplib.SMTPException, OSError) as err:
             log.warning("no connection from %s: %s", message.source_ip, type(err).__name__)
             return _failed(message, err), None
-    result = await _transaction(connection.client, message, env.callbacks.render(message))
+    result = await _transaction(connection.client, message, content)
     connection.sent += 1
     return result, connection if connection.client.is_connected else None
 
@@ -272,6 +308,8 @@ async def _open(
     except (ssl.SSLError, aiosmtplib.SMTPException) as err:
         client.close()
         raise _NoTls(f"TLS failed: {type(err).__name__}", None) from err
+    # EHLO again now (RFC 3207), not lazily at MAIL: the transaction reads the extensions.
+    await client.ehlo()
     if route.username and route.password:
         await client.login(route.username, route.password)
     return client
@@ -298,22 +336,40 @@ async def _fallback(
 
 
 async def _transaction(client: aiosmtplib.SMTP, message: Outgoing, content: bytes) -> SendResult:
+    # An internationalized address (RFC 6531) needs a server that offers SMTPUTF8.
+    utf8 = not message.recipient.isascii()
+    if utf8 and not client.supports_extension("smtputf8"):
+        reason = "non-ASCII address and no SMTPUTF8 offered"
+        return SendResult(message.message_id, Outcome.FAILED, None, reason)
     stage = SmtpStage.MAIL
     try:
-        size = [f"SIZE={len(content)}"] if client.supports_extension("size") else []
-        await client.mail(message.mail_from, options=size)
+        options = [f"SIZE={len(content)}"] if client.supports_extension("size") else []
+        await client.mail(message.mail_from, options=options + ["SMTPUTF8"] * utf8)
         stage = SmtpStage.RCPT
-        await client.rcpt(message.recipient)
+        await client.rcpt(message.recipient, encoding="utf-8" if utf8 else "ascii")
         stage = SmtpStage.DATA
         reply = await _data(client, content)
     except aiosmtplib.SMTPResponseException as err:
         await _reset(client, err.code)
         return _replied(message, err.code, err.message, stage)
+    except _NoReplyAfterData as err:
+        client.close()
+        return SendResult(message.message_id, Outcome.DEFERRED, None, err.reason,
+                          possible_duplicate=True)  # fmt: skip
     except (aiosmtplib.SMTPException, OSError) as err:
-        # Dropped or timed out mid-transaction: the outcome is unknown, so it is retried later.
+        # Dropped or timed out before the end of DATA: not taken, so it is retried later.
         client.close()
         return _failed(message, err)
     return SendResult(message.message_id, Outcome.ACCEPTED, reply.code, reply.message)
+
+
+class _NoReplyAfterData(Exception):
+    """The connection was lost or timed out after the end of DATA: the server may have taken
+    the message (RFC 1047), so a retry is a possible duplicate."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 async def _data(client: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
@@ -327,7 +383,10 @@ async def _data(client: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespo
     payload = b"\r\n" + b"\r\n".join(content.splitlines())
     client.protocol.write(payload.replace(b"\r\n.", b"\r\n..")[2:] + b"\r\n.\r\n")
     # No await between the write and read_response: the reply cannot arrive unawaited.
-    reply = await client.protocol.read_response(timeout=client.timeout)
+    try:
+        reply = await client.protocol.read_response(timeout=client.timeout)
+    except (aiosmtplib.SMTPException, OSError) as err:
+        raise _NoReplyAfterData(f"no reply after DATA: {type(err).__name__}") from err
     if reply.code != 250:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
     return reply

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import ColumnElement, Row, func, or_, select
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from pipeline.delivery.claims import Owner, deliver_pass, grant_claims, recover_interrupted
 from pipeline.delivery.compose import compose_eob_email, compose_portal_notice
+from pipeline.delivery.outcomes import hold, record_result
 from pipeline.delivery.plan import NewMessage, add_planned_messages, message_token
 from pipeline.delivery.policy import DEFAULT_PROVIDER, SendingPolicy, policy_for
 from pipeline.delivery.routing import MxRouter, RelayRouter, Router
@@ -26,23 +28,18 @@ from pipeline.delivery.send import (
     send_all,
     tls_context,
 )
-from pipeline.delivery.shaping import provider_for, recipient_domain
+from pipeline.delivery.shaping import Lane, provider_for, recipient_domain
 from pipeline.delivery.signing import DkimSigner
 from pipeline.documents.templates import DEFAULT_LANGUAGE
+from pipeline.errors import LedgerError
 from pipeline.records.atrest import (
     read_decrypted,
 )
-from pipeline.records.bounce_classes import ReportKind, smtp_rejection
-from pipeline.records.ledger import is_suppressed, paused_routes
-from pipeline.records.ledger.models import (
-    Bounce,
-    Message,
-    Statement,
-)
+from pipeline.records.ledger import is_suppressed, paused_routes, suppressed_among
+from pipeline.records.ledger.models import Message, Statement
 from pipeline.records.ledger.states import (
     MessageMove,
     MessageState,
-    mark_resend_accepted,
     transition_message,
     transition_messages,
 )
@@ -107,42 +104,98 @@ def providers_of(policy: SendingPolicy, addresses: list[str]) -> dict[str, str]:
     }
 
 
-def send_due(ctx: LedgerContext) -> dict[str, int]:
-    settings = ctx.settings
-    policy = policy_for(settings)
-    now = datetime.now(UTC)
-    with ctx.sessions.begin() as session:
-        _recover_interrupted(session)
-        # Each message with its statement, in one query (not one query per statement).
-        rows = session.execute(
-            select(Message, Statement)
-            .join(Statement, Statement.statement_id == Message.statement_id)
-            .where(
-                Message.state.in_([MessageState.PLANNED, MessageState.DEFERRED]),
-                or_(Message.send_day.is_(None), Message.send_day <= now.date()),
-                or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now),
-            )
-            .order_by(Message.message_id)
-        ).all()
-        # A bounce rate over the pause threshold holds that IP and provider until acknowledged.
-        paused = paused_routes(session)
-        rows = [
-            row for row in rows
-            if (row.Message.source_ip, recipient_domain(row.Message.recipient)) not in paused
-        ]  # fmt: skip
-        keyring = ctx.keyring
-        parts = {message.message_id: _email_parts(ctx, statement) for message, statement in rows}
-        pending = [message for message, _ in rows]
-        outgoing = [_outgoing(ctx, m) for m in pending]
-        # What a claim must find in the ledger (each message is claimed once per send stage).
-        claimable = {m.message_id: (MessageState(m.state), m.tries) for m in pending}
-        resends = {m.message_id for m in pending if m.case_id is not None}
-    counts = {outcome.value: 0 for outcome in Outcome} | {"expired": 0}
-    progress = iter(ctx.track(outgoing, "send", len(outgoing)))
-    signer = DkimSigner(policy.dkim)
+# Due messages read from the ledger at a time: a pass's memory does not grow with the backlog.
+DUE_BATCH = 5000
 
-    def render(message: Outgoing) -> bytes:
-        statement = parts[message.message_id]
+
+def send_due(ctx: LedgerContext) -> dict[str, int]:
+    """One deliver pass: send every message due now, whatever run planned it, in batches of
+    DUE_BATCH by message id. Safe beside another pass and to kill at any point (claims.py).
+    A database error ends the pass with a LedgerError of one line."""
+    policy = policy_for(ctx.settings)
+    try:
+        with deliver_pass(ctx) as owner:
+            return _DeliverPass(ctx, policy, owner).run()
+    except SQLAlchemyError as err:
+        raise _ledger_failure(err) from err
+
+
+def due_batch(
+    session: Session, now: datetime, after: str, limit: int
+) -> Sequence[Row[Message, Statement]]:
+    """Up to `limit` messages due at `now` with an id after `after`, each with its statement."""
+    return session.execute(
+        select(Message, Statement)
+        .join(Statement, Statement.statement_id == Message.statement_id)
+        .where(*_due(now), Message.message_id > after)
+        .order_by(Message.message_id)
+        .limit(limit)
+    ).all()
+
+
+def _due(now: datetime) -> list[ColumnElement[bool]]:
+    return [
+        Message.state.in_([MessageState.PLANNED, MessageState.DEFERRED]),
+        or_(Message.send_day.is_(None), Message.send_day <= now.date()),
+        or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now),
+    ]
+
+
+class _DeliverPass:
+    """The state of one pass: its counts and lanes, and what the current batch's messages
+    need (their email parts, and the state and tries each claim must find)."""
+
+    def __init__(self, ctx: LedgerContext, policy: SendingPolicy, owner: Owner) -> None:
+        self.ctx, self.policy, self.owner = ctx, policy, owner
+        self.counts = {o.value: 0 for o in Outcome} | {"expired": 0, "suppressed": 0}
+        self.signer = DkimSigner(policy.dkim)
+        self.lanes: dict[tuple[str, str], Lane] = {}
+        self.parts: dict[str, _EmailParts] = {}
+        self.claimable: dict[str, tuple[MessageState, int]] = {}
+        self.resends: set[str] = set()
+        self.progress: Iterator[object] = iter(())
+
+    def run(self) -> dict[str, int]:
+        settings = self.ctx.settings
+        router: Router = (
+            RelayRouter(self.policy, settings.smtp_host, settings.smtp_port)
+            if self.policy.mode == "relay"
+            else MxRouter()
+        )
+        tls = tls_context(settings.ca_file, self.policy.tls_min_version)
+        callbacks = Callbacks(self.render, self.notice, self.record)
+        now, after = datetime.now(UTC), ""
+        with self.ctx.sessions.begin() as session:
+            recover_interrupted(session, self.owner)
+            total = session.scalar(select(func.count()).where(*_due(now))) or 0
+        self.progress = iter(self.ctx.track(range(total), "send", total))
+        while True:
+            with self.ctx.sessions.begin() as session:
+                rows = due_batch(session, now, after, DUE_BATCH)
+                # A bounce rate over the pause threshold holds that IP and provider until
+                # acknowledged.
+                paused = paused_routes(session)
+            if not rows:
+                return self.counts
+            after = rows[-1].Message.message_id
+            self.parts, self.claimable, self.resends = {}, {}, set()
+            outgoing = [
+                self.prepare(message, statement)
+                for message, statement in rows
+                if (message.source_ip, recipient_domain(message.recipient)) not in paused
+            ]
+            send_all(outgoing, self.policy, router, tls, callbacks, lanes=self.lanes)
+
+    def prepare(self, message: Message, statement: Statement) -> Outgoing:
+        """What this batch needs to send `message`."""
+        self.parts[message.message_id] = _email_parts(self.ctx, statement)
+        self.claimable[message.message_id] = (MessageState(message.state), message.tries)
+        if message.case_id is not None:
+            self.resends.add(message.message_id)
+        return _outgoing(self.ctx, message)
+
+    def render(self, message: Outgoing) -> bytes:
+        settings, statement = self.ctx.settings, self.parts[message.message_id]
         content = compose_eob_email(
             message_id=message.message_id,
             statement_id=statement.statement_id,
@@ -154,118 +207,72 @@ def send_due(ctx: LedgerContext) -> dict[str, int]:
             # The PDF was protected at render time when the member had the data the rule needs.
             password_rule=settings.pdf_password if statement.pdf_protected else "",
             # Decrypted in memory only: the plaintext PDF is never written anywhere.
-            pdf=read_decrypted(statement.pdf, keyring, statement.statement_id),
+            pdf=read_decrypted(statement.pdf, self.ctx.keyring, statement.statement_id),
         )
-        return signer.sign(content)
+        return self.signer.sign(content)
 
-    def notice(message: Outgoing) -> bytes:
+    def notice(self, message: Outgoing) -> bytes:
         content = compose_portal_notice(
             message_id=message.message_id,
-            from_address=settings.from_address,
-            plan_name=settings.plan_name,
-            portal_url=policy.portal_url,
-            language=parts[message.message_id].language,
+            from_address=self.ctx.settings.from_address,
+            plan_name=self.ctx.settings.plan_name,
+            portal_url=self.policy.portal_url,
+            language=self.parts[message.message_id].language,
         )
-        return signer.sign(content)
+        return self.signer.sign(content)
 
-    def record(events: Sequence[Event]) -> None:
-        """One transaction per batch: claims move to `sending`, results to their outcome.
+    def record(self, events: Sequence[Event]) -> set[str]:
+        """One transaction per batch: claims move to `sending` (or to `suppressed`, when the
+        address was suppressed since the message was planned), results to their outcome.
         Claims, plain acceptances and held messages (a suspended lane's whole queue) are
-        written in bulk; the other results (bounces, deferrals, fallbacks, resends) row by
-        row with what they entail."""
-        claims = [
-            MessageMove(e.message.message_id, claimable[e.message.message_id][0],
-                        values={"tries": claimable[e.message.message_id][1] + 1})
-            for e in events if isinstance(e, Claim)
-        ]  # fmt: skip
+        written in bulk; the other results (bounces, deferrals, failures, fallbacks, resends)
+        row by row with what they entail. Returns the claims refused."""
+        claims = {e.message.message_id for e in events if isinstance(e, Claim)}
         results = [e for e in events if isinstance(e, SendResult)]
         accepted = [
             MessageMove(r.message_id, MessageState.SENDING, f"SMTP {r.code}",
                         {"smtp_code": r.code, "smtp_reply": r.reply})
-            for r in results if r.outcome == Outcome.ACCEPTED and r.message_id not in resends
+            for r in results if r.outcome == Outcome.ACCEPTED and r.message_id not in self.resends
         ]  # fmt: skip
         held = [r for r in results if r.outcome == Outcome.HELD]
         outcomes = [Outcome.ACCEPTED.value] * len(accepted) + [Outcome.HELD.value] * len(held)
-        with ctx.sessions.begin() as session:
-            transition_messages(session, claims, MessageState.SENDING, actor="send")
+        with self.ctx.sessions.begin() as session:
+            granted = grant_claims(session, {m: self.claimable[m] for m in claims})
+            suppressed = suppressed_among(session, granted.values())
+            late = {m for m, recipient in granted.items() if recipient.lower() in suppressed}
+            transition_messages(session, [
+                MessageMove(m, self.claimable[m][0], "address suppressed") for m in late
+            ], MessageState.SUPPRESSED, actor="send")  # fmt: skip
+            claimed = [
+                MessageMove(m, state, values={"tries": tries + 1, "claimed_by": self.owner.name})
+                for m in granted.keys() - late
+                for state, tries in [self.claimable[m]]
+            ]
+            transition_messages(session, claimed, MessageState.SENDING, actor="send")
             transition_messages(session, accepted, MessageState.ACCEPTED, actor="send")
-            _hold(session, held)
+            hold(session, held)
             bulk = {move.message_id for move in accepted} | {r.message_id for r in held}
             for result in results:
                 if result.message_id not in bulk:
                     message = session.get_one(Message, result.message_id)
-                    expired = _record_result(session, message, result, policy)
-                    outcomes.append("expired" if expired else result.outcome.value)
-        for outcome in outcomes:
-            counts[outcome] += 1
-            next(progress, None)
+                    outcomes.append(record_result(session, message, result, self.policy))
+        for outcome in outcomes + ["suppressed"] * len(late):
+            self.counts[outcome] += 1
+            next(self.progress, None)
+        return claims - (granted.keys() - late)
 
-    router: Router = (
-        RelayRouter(policy, settings.smtp_host, settings.smtp_port)
-        if policy.mode == "relay"
-        else MxRouter()
+
+def _ledger_failure(err: SQLAlchemyError) -> LedgerError:
+    """One line for the operator. An OperationalError says what the database could not do
+    (full, unreachable); other errors can quote row values (PHI), so only their kind is named."""
+    cause = err.orig if isinstance(err, DBAPIError) else err
+    detail = type(cause).__name__
+    if isinstance(err, OperationalError):
+        detail += ": " + (str(cause).strip().splitlines() or [""])[0]
+    return LedgerError(
+        f"send stopped: the ledger could not be written ({detail}); "
+        "messages in flight are retried, marked possible duplicates, by the next pass"
     )
-    tls = tls_context(settings.ca_file, policy.tls_min_version)
-    send_all(outgoing, policy, router, tls, Callbacks(render, notice, record))
-    return counts
-
-
-def _hold(session: Session, held: Sequence[SendResult]) -> None:
-    """Messages a suspended lane never attempted: no transition, only not before the
-    suspension ends (one executemany UPDATE)."""
-    if not held:
-        return
-    now = datetime.now(UTC)
-    table = cast(Table, Message.__table__)
-    session.execute(
-        update(table)
-        .where(table.c.message_id == bindparam("m_id"))
-        .values(next_attempt_at=bindparam("m_at")),
-        [{"m_id": r.message_id, "m_at": now + timedelta(seconds=r.retry_after or 0)} for r in held],
-    )
-
-
-def _record_result(
-    session: Session, message: Message, result: SendResult, policy: SendingPolicy
-) -> bool:
-    """Record one SMTP outcome; True when a deferral outlived the retry policy and expired."""
-    now = datetime.now(UTC)
-    message.smtp_code, message.smtp_reply = result.code, result.reply
-    reason = f"SMTP {result.code or 'no reply'}"
-    transition_message(session, message, MessageState(result.outcome), actor="send", reason=reason)
-    if result.outcome == Outcome.BOUNCED:
-        _record_smtp_rejection(session, message, result)
-    elif result.outcome == Outcome.ACCEPTED:
-        mark_resend_accepted(session, message)
-    elif result.outcome == Outcome.FALLBACK:
-        notified = result.code is not None and 200 <= result.code < 300
-        if policy.tls_fallback == "print" or not notified:
-            session.get_one(Statement, message.statement_id).channel = "print"
-    elif result.outcome == Outcome.DEFERRED:
-        delay = policy.retry.delay(message.tries, result.retry_after)
-        message.next_attempt_at = now + timedelta(seconds=delay)
-        created = message.created_at.replace(tzinfo=message.created_at.tzinfo or UTC)
-        if (message.next_attempt_at - created).total_seconds() > policy.retry.max_age_seconds:
-            transition_message(
-                session, message, MessageState.EXPIRED, actor="send", reason="retry max age"
-            )
-            return True
-    return False
-
-
-def _recover_interrupted(session: Session) -> None:
-    """A message left in `sending` by a crash may or may not have reached the server: it is
-    deferred for another attempt and marked as a possible duplicate (at-least-once)."""
-    stuck = session.scalars(select(Message).where(Message.state == MessageState.SENDING)).all()
-    for message in stuck:
-        message.possible_duplicate = True
-        transition_message(
-            session,
-            message,
-            MessageState.DEFERRED,
-            actor="send",
-            reason="interrupted mid-transaction; outcome unknown",
-        )
 
 
 @dataclass(frozen=True)
@@ -299,22 +306,4 @@ def _outgoing(ctx: LedgerContext, message: Message) -> Outgoing:
         source_ip=message.source_ip,
         ehlo_name=message.ehlo_name,
         provider=message.provider or DEFAULT_PROVIDER,
-    )
-
-
-def _record_smtp_rejection(session: Session, message: Message, result: SendResult) -> None:
-    """A 5xx at SMTP time flows into the same bounce path as a DSN."""
-    status, bounce_class = smtp_rejection(result.code or 0, result.reply, result.smtp_stage)
-    session.add(
-        Bounce(
-            dedupe_key=f"smtp:{message.message_id}",
-            message_id=message.message_id,
-            received_at=datetime.now(UTC),
-            bounce_class=bounce_class,
-            status_code=status,
-            diagnostic=f"smtp; {result.code} {result.reply}",
-            recipient=message.recipient,
-            kind=ReportKind.SMTP,
-            matched_by="smtp",
-        )
     )

@@ -25,7 +25,7 @@ from pipeline.delivery.policy import DEFAULT_PROVIDER, SendingPolicy
 from pipeline.delivery.shaping import recipient_domain
 from pipeline.errors import ConfigError
 from pipeline.records.bounce_classes import BounceClass
-from pipeline.records.ledger import audit, is_suppressed
+from pipeline.records.ledger import audit, is_suppressed, raise_alert
 from pipeline.records.ledger.models import (
     Bounce,
     DeliverabilityAlert,
@@ -224,38 +224,9 @@ def _open_or_reopen_case(
 def _raise_alert(
     session: Session, kind: str, message: Message, *, count: int, rate: float | None
 ) -> DeliverabilityAlert:
-    """One open alert per kind, IP and provider; a new occurrence updates its count."""
     provider = recipient_domain(message.recipient)
-    alert = session.scalar(
-        select(DeliverabilityAlert).where(
-            DeliverabilityAlert.kind == kind,
-            DeliverabilityAlert.source_ip == message.source_ip,
-            DeliverabilityAlert.provider == provider,
-            DeliverabilityAlert.acknowledged_at.is_(None),
-        )
-    )
-    if alert is None:
-        alert = DeliverabilityAlert(
-            kind=kind,
-            source_ip=message.source_ip,
-            provider=provider,
-            count=0,
-            rate=rate,
-            opened_at=datetime.now(UTC),
-        )
-        session.add(alert)
-        session.flush()
-        audit(
-            session,
-            "deliverability_alert",
-            "alert",
-            str(alert.alert_id),
-            actor=ACTOR,
-            detail=f"kind={kind} ip={message.source_ip} provider={provider}",
-        )
-    alert.count = alert.count + count if rate is None else count
-    alert.rate = rate
-    return alert
+    return raise_alert(session, kind, message.source_ip, provider, count=count, rate=rate,
+                       actor=ACTOR)  # fmt: skip
 
 
 def monitor_bounce_rates(

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,14 @@ def is_suppressed(session: Session, address: str) -> bool:
     return session.get(Suppression, address.lower()) is not None
 
 
+def suppressed_among(session: Session, addresses: Collection[str]) -> set[str]:
+    """The lower-cased addresses among `addresses` that are suppressed, in one query."""
+    lowered = {a.lower() for a in addresses}
+    if not lowered:
+        return set()
+    return set(session.scalars(select(Suppression.address).where(Suppression.address.in_(lowered))))
+
+
 def paused_routes(session: Session) -> set[tuple[str, str]]:
     """(sending IP, provider) pairs the send stage must skip until acknowledged."""
     rows = session.execute(
@@ -82,3 +91,47 @@ def paused_routes(session: Session) -> set[tuple[str, str]]:
         )
     )
     return {(ip, provider) for ip, provider in rows}
+
+
+def raise_alert(
+    session: Session,
+    kind: str,
+    source_ip: str,
+    provider: str,
+    *,
+    count: int,
+    rate: float | None,
+    actor: str,
+) -> DeliverabilityAlert:
+    """One open alert per kind, IP and provider (a recipient domain); a new occurrence adds
+    its count (or, for a rate, replaces count and rate)."""
+    alert = session.scalar(
+        select(DeliverabilityAlert).where(
+            DeliverabilityAlert.kind == kind,
+            DeliverabilityAlert.source_ip == source_ip,
+            DeliverabilityAlert.provider == provider,
+            DeliverabilityAlert.acknowledged_at.is_(None),
+        )
+    )
+    if alert is None:
+        alert = DeliverabilityAlert(
+            kind=kind,
+            source_ip=source_ip,
+            provider=provider,
+            count=0,
+            rate=rate,
+            opened_at=datetime.now(UTC),
+        )
+        session.add(alert)
+        session.flush()
+        audit(
+            session,
+            "deliverability_alert",
+            "alert",
+            str(alert.alert_id),
+            actor=actor,
+            detail=f"kind={kind} ip={source_ip} provider={provider}",
+        )
+    alert.count = alert.count + count if rate is None else count
+    alert.rate = rate
+    return alert

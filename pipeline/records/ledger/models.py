@@ -125,6 +125,9 @@ class Message(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(TZ)
     # SMTP transactions started for this attempt (deferrals retry the same message).
     tries: Mapped[int] = mapped_column(default=0, server_default="0")
+    # The deliver pass that last claimed it: a `sending` message is recovered only once that
+    # pass is gone (pipeline.delivery.claims).
+    claimed_by: Mapped[str | None] = mapped_column(String(40))
 
 
 class Bounce(Base):

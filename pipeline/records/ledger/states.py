@@ -39,6 +39,9 @@ class MessageState(StrEnum):
     """A positive DSN confirmed delivery."""
     SUPPRESSED = "suppressed"
     """Never sent: the address was suppressed before the attempt."""
+    FAILED = "failed"
+    """Never sent: the message could not be composed (its PDF missing or undecryptable) or the
+    server cannot take its address; an alert is raised and the statement goes to print."""
 
 
 class CaseState(StrEnum):
@@ -62,15 +65,16 @@ M, C = MessageState, CaseState
 S = TypeVar("S", MessageState, CaseState)
 
 MESSAGE_TRANSITIONS: dict[MessageState, frozenset[MessageState]] = {
-    M.PLANNED: frozenset({M.SENDING, M.SUPPRESSED}),
-    M.SENDING: frozenset({M.ACCEPTED, M.DEFERRED, M.BOUNCED, M.FALLBACK}),
-    M.DEFERRED: frozenset({M.SENDING, M.EXPIRED, M.SUPPRESSED}),
+    M.PLANNED: frozenset({M.SENDING, M.SUPPRESSED, M.FAILED}),
+    M.SENDING: frozenset({M.ACCEPTED, M.DEFERRED, M.BOUNCED, M.FALLBACK, M.FAILED}),
+    M.DEFERRED: frozenset({M.SENDING, M.EXPIRED, M.SUPPRESSED, M.FAILED}),
     M.ACCEPTED: frozenset({M.BOUNCED, M.DELIVERED}),
     M.BOUNCED: frozenset(),
     M.EXPIRED: frozenset(),
     M.FALLBACK: frozenset(),
     M.DELIVERED: frozenset(),
     M.SUPPRESSED: frozenset(),
+    M.FAILED: frozenset(),
 }
 
 CASE_TRANSITIONS: dict[CaseState, frozenset[CaseState]] = {
