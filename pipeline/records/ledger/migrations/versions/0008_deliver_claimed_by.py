@@ -1,14 +1,14 @@
 """messages.claimed_by: the deliver pass that claimed a message, so that a pass recovers only
 the claims of passes that are gone
 
-Revision ID: 0008_deliver
+Revision ID: 0008
 Revises: 0007
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_deliver"
+revision = "0008"
 down_revision = "0007"
 branch_labels = None
 depends_on = None

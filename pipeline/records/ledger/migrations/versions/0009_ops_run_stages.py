@@ -1,14 +1,14 @@
 """run_stages: the stages each run is to do and which it completed, so a crashed run can be resumed
 
-Revision ID: 0008_ops_run_stages
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0008_ops_run_stages'
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
