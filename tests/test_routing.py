@@ -101,7 +101,7 @@ def test_the_best_mx_is_used_and_answers_are_cached():
         router = router_for(server)
 
         async def routes() -> list[Route]:
-            return [await router.route("127.0.0.20", "members.example") for _ in range(3)]
+            return [(await router.routes("127.0.0.20", "members.example"))[0] for _ in range(3)]
 
         assert asyncio.run(routes()) == [Route("mx1.members.example", 25)] * 3
         assert server.queries == 1

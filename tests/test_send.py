@@ -9,13 +9,14 @@ import statistics
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.delivery.policy import DEFAULT_POLICY_FILE, SendingPolicy, parse_policy
-from pipeline.delivery.routing import Route
+from pipeline.delivery.routing import NoRoute, Route
 from pipeline.delivery.send import (
     Callbacks,
     Claim,
@@ -26,6 +27,7 @@ from pipeline.delivery.send import (
     send_all,
     tls_context,
 )
+from pipeline.ops.demo import free_port
 from pipeline.ops.sink import ensure_certificates
 from pipeline.records.bounce_classes import smtp_rejection
 from pipeline.returns.bounces import BounceClass, SmtpStage
@@ -48,11 +50,22 @@ def policy(**default_provider: Any) -> SendingPolicy:
 
 
 class FixedRoute:
-    def __init__(self, port: int) -> None:
-        self.port = port
+    """Every domain's mail hosts: the server under test, after any hosts listed before it;
+    a domain in `unroutable` has none (the router's NoRoute)."""
 
-    async def route(self, source_ip: str, domain: str) -> Route:
-        return Route(HOST, self.port)
+    def __init__(
+        self,
+        port: int,
+        before: tuple[Route, ...] = (),
+        unroutable: dict[str, NoRoute] | None = None,
+    ) -> None:
+        self.hosts = [*before, Route(HOST, port)]
+        self.unroutable = unroutable or {}
+
+    async def routes(self, source_ip: str, domain: str) -> list[Route]:
+        if domain in self.unroutable:
+            raise self.unroutable[domain]
+        return self.hosts
 
 
 def outgoing(n: int, source_ip: str = IPS[0]) -> Outgoing:
@@ -71,6 +84,7 @@ def send(
     ca_file: Path,
     sending: SendingPolicy | None = None,
     render: Callable[[Outgoing], bytes] = statement,
+    router: FixedRoute | None = None,
 ) -> dict[str, SendResult]:
     events: list[Event] = []
 
@@ -83,7 +97,13 @@ def send(
         notice=lambda m: f"Subject: notice\r\nX-Id: {m.message_id}\r\n\r\nportal\r\n".encode(),
         record=record,
     )
-    send_all(messages, sending or policy(), FixedRoute(port), tls_context(str(ca_file)), callbacks)
+    send_all(
+        messages,
+        sending or policy(),
+        router or FixedRoute(port),
+        tls_context(str(ca_file)),
+        callbacks,
+    )
     claimed = [e.message.message_id for e in events if isinstance(e, Claim)]
     results = [e for e in events if isinstance(e, SendResult)]
     # Each message gets exactly one result; each attempted one was claimed once, before it.
@@ -299,9 +319,37 @@ def test_a_refused_claim_is_not_sent_and_gets_no_result(certs):
     ]
 
 
-def test_nothing_listening_defers(certs):
-    from pipeline.ops.demo import free_port
+def test_the_next_mail_host_is_tried_when_one_cannot_be_reached(certs):
+    # RFC 5321 5.1: the MX hosts in order; one that does not answer is passed over.
+    receiver = Receiver(Script())
+    nobody = Route(HOST, free_port(HOST))
+    with smtp_server(receiver, certs) as port:
+        results = send([outgoing(1), outgoing(2)], port, certs / "ca.pem",
+                       router=FixedRoute(port, before=(nobody,)))  # fmt: skip
+    assert {r.outcome for r in results.values()} == {Outcome.ACCEPTED}
+    assert len(receiver.arrivals) == 2
 
+
+def test_a_domain_without_mail_hosts_bounces_or_waits_as_its_reply_says(certs):
+    null_mx = NoRoute("the domain accepts no mail (null MX)", code=556, status="5.1.10")
+    lookup_failed = NoRoute("the MX lookup failed", code=451, status="4.4.3")
+    receiver = Receiver(Script())
+    messages = [outgoing(1), outgoing(2), outgoing(3)]
+    with smtp_server(receiver, certs) as port:
+        router = FixedRoute(port)
+        # FixedRoute keys on the domain: give each message its own.
+        messages = [replace(m, recipient=m.recipient.replace("example.org", f"d{n}.example"))
+                    for n, m in enumerate(messages, 1)]  # fmt: skip
+        router.unroutable = {"d1.example": null_mx, "d2.example": lookup_failed}
+        results = send(messages, port, certs / "ca.pem", router=router)
+    assert (results["m1"].outcome, results["m1"].code) == (Outcome.BOUNCED, 556)
+    assert smtp_rejection(556, results["m1"].reply, results["m1"].smtp_stage)[0] == "5.1.10"
+    assert (results["m2"].outcome, results["m2"].code) == (Outcome.DEFERRED, 451)
+    assert results["m3"].outcome == Outcome.ACCEPTED
+    assert [a.recipients for a in receiver.arrivals] == [("r3@d3.example",)]
+
+
+def test_nothing_listening_defers(certs):
     results = send([outgoing(1)], free_port(HOST), certs / "ca.pem")
     assert results["m1"].outcome == Outcome.DEFERRED and results["m1"].code is None
 

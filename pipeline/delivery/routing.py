@@ -58,7 +58,9 @@ class NoRoute(DeliveryError):
 
 
 class Router(Protocol):
-    async def route(self, source_ip: str, domain: str) -> Route: ...
+    async def routes(self, source_ip: str, domain: str) -> list[Route]:
+        """The hosts to try for `domain`, in order; NoRoute when there is none."""
+        ...
 
 
 class RelayRouter:
@@ -82,9 +84,6 @@ class RelayRouter:
                 username,
                 password,
             )
-
-    async def route(self, source_ip: str, domain: str) -> Route:
-        return self._routes[source_ip]
 
     async def routes(self, source_ip: str, domain: str) -> list[Route]:
         return [self._routes[source_ip]]
@@ -148,9 +147,6 @@ class MxRouter:
         """Every host to try, in order: the sender moves to the next when one cannot be
         reached or answers with a 4xx greeting (RFC 5321 section 5.1)."""
         return [Route(host, self._port) for host in await self.hosts(domain)]
-
-    async def route(self, source_ip: str, domain: str) -> Route:
-        return (await self.routes(source_ip, domain))[0]
 
 
 _ROOT = dns.name.root

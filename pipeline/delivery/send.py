@@ -36,7 +36,7 @@ from pathlib import Path
 import aiosmtplib
 
 from pipeline.delivery.policy import SendingPolicy
-from pipeline.delivery.routing import Route, Router
+from pipeline.delivery.routing import NoRoute, Route, Router
 from pipeline.delivery.shaping import Lane, retry_hint_seconds
 from pipeline.records.bounce_classes import SmtpStage
 
@@ -238,9 +238,13 @@ async def _lane_worker(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
             if lane.suspended:  # suspended by another connection's reply while we waited
                 queue.appendleft(message)
                 break
-            route = await env.router.route(message.source_ip, message.recipient.rpartition("@")[2])
+            no_route: NoRoute | None = None
+            try:
+                routes = await env.router.routes(message.source_ip, _domain(message.recipient))
+            except NoRoute as err:
+                routes, no_route = [], err
             if connection is not None and (
-                connection.route != route
+                connection.route not in routes
                 or connection.sent >= lane.provider.max_messages_per_connection
                 or not connection.client.is_connected
             ):
@@ -250,7 +254,12 @@ async def _lane_worker(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
             unrecorded = []
             if message.message_id in refused:  # another deliver process has it
                 continue
-            result, connection = await _attempt(connection, route, message, content, env)
+            if no_route is not None:
+                # No host to try: the reply a server would have given (bounce or retry).
+                reply = f"{no_route.status} {no_route.reason}"
+                result = _replied(message, no_route.code, reply, SmtpStage.CONNECT)
+            else:
+                result, connection = await _attempt(connection, routes, message, content, env)
             # A message refused for its own sake (FAILED) says nothing about the lane.
             if result.outcome != Outcome.FAILED and (result.code is None or result.code >= 400):
                 rule = lane.observe(result.code, result.reply)
@@ -267,22 +276,52 @@ async def _lane_worker(lane: Lane, queue: deque[Outgoing], env: _Env) -> None:
 
 async def _attempt(
     connection: _Connection | None,
-    route: Route,
+    routes: Sequence[Route],
     message: Outgoing,
     content: bytes,
     env: _Env,
 ) -> tuple[SendResult, _Connection | None]:
     if connection is None:
-        try:
-            connection = _Connection(await _open(route, message, env.policy, env.tls), route)
-        except _NoTls as no_tls:
-            return await _fallback(no_tls, route, message, env.policy, env.callbacks), None
-        except (aiosmtplib.SMTPException, OSError) as err:
-            log.warning("no connection from %s: %s", message.source_ip, type(err).__name__)
-            return _failed(message, err), None
+        opened = await _connect(routes, message, env)
+        if isinstance(opened, SendResult):
+            return opened, None
+        connection = opened
     result = await _transaction(connection.client, message, content)
     connection.sent += 1
     return result, connection if connection.client.is_connected else None
+
+
+async def _connect(
+    routes: Sequence[Route], message: Outgoing, env: _Env
+) -> _Connection | SendResult:
+    """A TLS connection to the first mail host that takes one, in order (RFC 5321 5.1: a host
+    that cannot be reached, answers with a 4xx greeting or offers no usable TLS is passed
+    over); when none does, the PHI-free fallback if one offered only clear text, else a retry."""
+    no_tls: tuple[_NoTls, Route] | None = None
+    failure: BaseException | None = None
+    for route in routes:
+        try:
+            client = await _open(route, message, env.policy, env.tls)
+        except _NoTls as err:
+            if no_tls is None:
+                no_tls = (err, route)
+            elif err.plain is not None:
+                err.plain.close()
+            continue
+        except (aiosmtplib.SMTPException, OSError) as err:
+            failure = err
+            continue
+        if no_tls is not None and no_tls[0].plain is not None:
+            no_tls[0].plain.close()
+        return _Connection(client, route)
+    if no_tls is not None:
+        return await _fallback(no_tls[0], no_tls[1], message, env.policy, env.callbacks)
+    log.warning("no connection from %s: %s", message.source_ip, type(failure).__name__)
+    return _failed(message, failure or OSError("no mail host"))
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2]
 
 
 async def _open(
