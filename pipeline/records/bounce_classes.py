@@ -41,6 +41,16 @@ class BounceClass(StrEnum):
     """A failure no rule explains."""
 
 
+# What operations may say an `unknown` report was, after reading it.
+RECLASSIFY_TO = (
+    BounceClass.HARD_BOUNCE,
+    BounceClass.SOFT_BOUNCE,
+    BounceClass.POLICY_BLOCK,
+    BounceClass.AUTO_REPLY,
+    BounceClass.NOT_BOUNCE,
+)
+
+
 class SmtpStage(StrEnum):
     """The SMTP command the receiving server was answering when it refused, as the report says."""
 
