@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 # which the rules read as hard bounces (config/bounce_rules.toml says why).
 AGREEMENT_FLOOR = 0.93
 CROSS_VALIDATED_FLOOR = 0.90
-RECIPIENT_FLOOR = 0.96
+RECIPIENT_FLOOR = 0.975
 SISIMAI_FLOOR = 0.90
 SISIMAI_FLOORS = {
     B.HARD_BOUNCE: 0.95,

@@ -710,3 +710,51 @@ def test_a_dsn_returning_headers_only_matches_by_their_message_id():
         "gone@example.org",
         "m0123abc@eob.example.com",
     )
+
+
+def test_dsn_fields_written_in_the_text_are_read_per_recipient():
+    # Sun/Oracle Messaging Server writes the RFC 3464 fields into its text part.
+    raw = (
+        b"From: postmaster@mx.example.net\r\nTo: bounces@eob.example.com\r\n"
+        b"Subject: Delivery Notification: Delivery has failed\r\n\r\n"
+        b"This report relates to a message you sent with the following header fields:\r\n"
+        b"  Message-id: <0001@example.org>\r\n\r\n"
+        b"Reporting-MTA: dns; mailbox0.example.net\r\n\r\n"
+        b"Action: failed\r\nStatus: 5.0.0 (Remote SMTP server has rejected address)\r\n"
+        b"Final-recipient: rfc822;gone@example.org\r\n"
+        b"Diagnostic-code: smtp; 550 5.1.1 User Unknown: gone@example.org\r\n\r\n"
+        b"Action: failed\r\nStatus: 5.0.0\r\nFinal-recipient: rfc822;full@example.org\r\n"
+        b"Diagnostic-code: smtp; 552 5.2.2 Mailbox full\r\n"
+    )
+    reports = parse_report(raw, return_path_domain=DOMAIN)
+    assert [(r.recipient, r.bounce_class) for r in reports] == [
+        ("gone@example.org", BounceClass.HARD_BOUNCE),
+        ("full@example.org", BounceClass.SOFT_BOUNCE),
+    ]
+
+
+def test_sendmail_transcript_lines_name_each_recipient_with_its_own_reason():
+    raw = (
+        b"From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.net>\r\n"
+        b"To: bounces@eob.example.com\r\nSubject: Returned mail: Host unknown\r\n\r\n"
+        b"   ----- Transcript of session follows -----\r\n"
+        b"550 example.or.jp (smtp)... 550 Host unknown\r\n"
+        b"554 <gone@example.or.jp>... 550 Host unknown (Authoritative answer from name server)\r\n"
+        b"While talking to mx.example.co.jp:\r\n>>> RCPT To:<nobody@example.co.jp>\r\n"
+        b"<<< 421 Connection reset by peer\r\n"
+        b"554 <full@example.co.jp>... 452 4.2.2 Mailbox full\r\n"
+        b"\r\n   ----- Unsent message follows -----\r\n"
+    )
+    found = {r.recipient: r.bounce_class for r in parse_report(raw, return_path_domain=DOMAIN)}
+    assert found["gone@example.or.jp"] == BounceClass.HARD_BOUNCE
+    assert found["full@example.co.jp"] == BounceClass.SOFT_BOUNCE
+
+
+def test_a_full_or_congested_system_is_a_retry_at_any_stage():
+    # RFC 5321 452 insufficient system storage; RFC 3463 X.3.1 and X.4.5.
+    for text in (
+        "452 4.4.5 Insufficient disk space; try again later",
+        "452 4.3.1 Mail system full",
+    ):
+        assert classify("4.4.7", text, SmtpStage.MAIL) == BounceClass.SOFT_BOUNCE
+    assert classify("4.0.0", "421 Too many errors", SmtpStage.CONNECT) == BounceClass.POLICY_BLOCK
