@@ -758,3 +758,18 @@ def test_a_full_or_congested_system_is_a_retry_at_any_stage():
     ):
         assert classify("4.4.7", text, SmtpStage.MAIL) == BounceClass.SOFT_BOUNCE
     assert classify("4.0.0", "421 Too many errors", SmtpStage.CONNECT) == BounceClass.POLICY_BLOCK
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Nothing but the RFC 5321 basic reply code explains these.
+        ("551 please use mx2.example.org instead", BounceClass.HARD_BOUNCE),
+        ("553 sorry, that name is not allowed here", BounceClass.HARD_BOUNCE),
+        ("552 requested action aborted", BounceClass.SOFT_BOUNCE),
+        ("451 local problem, requested action aborted", BounceClass.SOFT_BOUNCE),
+        ("554 transaction failed", BounceClass.UNKNOWN),
+    ],
+)
+def test_the_basic_reply_code_decides_when_nothing_else_does(text, expected):
+    assert classify(None, text, None) == expected
