@@ -253,38 +253,64 @@ def _dsn(diagnostic: str, *, human: str = "", action: str = "failed", status: st
             SmtpStage.CONNECT,
             BounceClass.POLICY_BLOCK,
         ),
-        # No stage named: the words alone do not show the address was refused (sisimai's
-        # "filtered").
-        ("<gone@example.org>: 550 User unknown", None, BounceClass.POLICY_BLOCK),
+        # No stage named: words that say the mailbox is missing mean it, in every MTA.
+        ("<gone@example.org>: 550 User unknown", None, BounceClass.HARD_BOUNCE),
+        # A transient refusal at the greeting refuses our host, not the address.
+        (
+            "<gone@example.org>: host mx.example.org refused to talk to me: 421 Try later",
+            SmtpStage.CONNECT,
+            BounceClass.POLICY_BLOCK,
+        ),
     ],
 )
 def test_the_smtp_stage_decides_whether_the_address_was_refused(human, stage, expected):
-    [report] = parse_report(_dsn("550 User unknown", human=human), return_path_domain=DOMAIN)
+    diagnostic = "421 Try later" if "421" in human else "550 User unknown"
+    [report] = parse_report(_dsn(diagnostic, human=human), return_path_domain=DOMAIN)
     assert report.smtp_stage == stage
     assert report.bounce_class == expected
 
 
 @pytest.mark.parametrize(
-    ("status", "text", "stage", "hosts", "expected"),
+    "diagnostic",
     [
-        ("5.0.0", "550 No such user here", None, "", BounceClass.POLICY_BLOCK),
-        ("5.0.0", "550 No such user here", SmtpStage.RCPT, "", BounceClass.HARD_BOUNCE),
-        ("5.1.1", "550 No such user here", None, "", BounceClass.HARD_BOUNCE),
-        # Exchange 2003's own diagnostic codes.
-        (None, "MSEXCH:IMS:X 0 (000C05A6) Unknown Recipient", None, "", BounceClass.HARD_BOUNCE),
-        (None, "MSEXCH:IMS:X 0 (000C0595) Ambiguous", None, "", BounceClass.POLICY_BLOCK),
-        # KDDI's two answers; the same words from another provider follow the default.
-        (None, "550 <a@ezweb.ne.jp>: User unknown", None, "ezweb.ne.jp", BounceClass.HARD_BOUNCE),
-        ("5.0.0", "550 : User unknown", None, "lsean.ezweb.ne.jp", BounceClass.POLICY_BLOCK),
-        (None, "550 <a@example.org>: User unknown", None, "example.org", BounceClass.POLICY_BLOCK),
-        (None, "Error: Invalid user address 550 - Requested action not taken: no such user here",
-         None, "vtext.com", BounceClass.HARD_BOUNCE),
+        # Refusals that name no SMTP stage, in the words different MTAs use for a missing or
+        # closed mailbox: the address is bad (issue #12's held-out confusions).
+        "550 5.0.0 Requested action not taken: mailbox does not exist",
+        "550 This user doesn't have a example.org account (gone@example.org)",
+        "550 gone@example.org... No such user",
+        "550 <gone@example.org>: User unknown",
+        "550 Invalid recipient <gone@example.org>",
+        "550 Account disabled",
+        "550 5.1.6 Recipient has moved",
+        "550 5.2.1 The email account that you tried to reach is disabled",
+    ],
+)
+def test_missing_mailbox_words_without_a_stage_are_a_hard_bounce(diagnostic):
+    [report] = parse_report(_dsn(diagnostic, human=""), return_path_domain=DOMAIN)
+    assert report.smtp_stage is None
+    assert report.bounce_class == BounceClass.HARD_BOUNCE
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "stage", "expected"),
+    [
+        ("5.0.0", "550 No such user here", None, BounceClass.HARD_BOUNCE),
+        ("5.0.0", "550 No such user here", SmtpStage.RCPT, BounceClass.HARD_BOUNCE),
+        # After DATA the address had been accepted: a filter's answer in those words.
+        ("5.0.0", "550 No such user here", SmtpStage.DATA, BounceClass.POLICY_BLOCK),
+        ("5.1.1", "550 No such user here", None, BounceClass.HARD_BOUNCE),
+        (None, "MSEXCH:IMS:X 0 (000C05A6) Unknown Recipient", None, BounceClass.HARD_BOUNCE),
+        ("5.0.0", "550 : User unknown", None, BounceClass.HARD_BOUNCE),
+        # RFC 3463 X.2.1, mailbox disabled: hard at RCPT TO, a filter's after DATA.
+        ("5.2.1", "550 5.2.1 Mailbox disabled", SmtpStage.RCPT, BounceClass.HARD_BOUNCE),
+        ("5.2.1", "550 5.2.1 Mailbox disabled", SmtpStage.DATA, BounceClass.POLICY_BLOCK),
+        # A sender-side cue in the same reply is a block, whatever else it says.
+        ("5.7.1", "550 5.7.1 Unknown user; blocked using zen.spamhaus.org", None,
+         BounceClass.POLICY_BLOCK),
     ],
 )  # fmt: skip
-def test_missing_mailbox_words_need_a_stage_or_the_providers_own_answer(
-    status, text, stage, hosts, expected
-):
-    assert classify(status, text, stage, hosts) == expected
+def test_missing_mailbox_words_are_hard_unless_refused_after_data(status, text, stage, expected):
+    assert classify(status, text, stage, "example.org") == expected
 
 
 @pytest.mark.parametrize(
@@ -317,11 +343,14 @@ def test_providers_own_codes_decide(text, stage, hosts, expected):
 
 
 def test_a_providers_rule_reads_the_dsns_mta_names():
-    # MessageLabs documents "No such user" as an invalid recipient; a McAfee gateway's same
-    # words, with no stage, may be a filter's.
-    raw = _dsn("550 gone@example.org... No such user")
-    messagelabs = raw.replace(b"dns; mx.example.net", b"dns; server-9.bemta-2.messagelabs.com")
-    [report] = parse_report(messagelabs, return_path_domain=DOMAIN)
+    # La Poste's own code 416 (invalid recipient) decides even after DATA; another MTA's same
+    # refusal after DATA is a filter's.
+    raw = _dsn(
+        "550 5.5.0 Invalid recipient. LPN007_416",
+        human="<gone@example.org>: host mx said: 550 (in reply to end of DATA command)",
+    )
+    laposte = raw.replace(b"dns; mx.example.net", b"dns; smtp-in.laposte.net")
+    [report] = parse_report(laposte, return_path_domain=DOMAIN)
     assert report.bounce_class == BounceClass.HARD_BOUNCE
     [report] = parse_report(raw, return_path_domain=DOMAIN)
     assert report.bounce_class == BounceClass.POLICY_BLOCK
@@ -681,3 +710,66 @@ def test_a_dsn_returning_headers_only_matches_by_their_message_id():
         "gone@example.org",
         "m0123abc@eob.example.com",
     )
+
+
+def test_dsn_fields_written_in_the_text_are_read_per_recipient():
+    # Sun/Oracle Messaging Server writes the RFC 3464 fields into its text part.
+    raw = (
+        b"From: postmaster@mx.example.net\r\nTo: bounces@eob.example.com\r\n"
+        b"Subject: Delivery Notification: Delivery has failed\r\n\r\n"
+        b"This report relates to a message you sent with the following header fields:\r\n"
+        b"  Message-id: <0001@example.org>\r\n\r\n"
+        b"Reporting-MTA: dns; mailbox0.example.net\r\n\r\n"
+        b"Action: failed\r\nStatus: 5.0.0 (Remote SMTP server has rejected address)\r\n"
+        b"Final-recipient: rfc822;gone@example.org\r\n"
+        b"Diagnostic-code: smtp; 550 5.1.1 User Unknown: gone@example.org\r\n\r\n"
+        b"Action: failed\r\nStatus: 5.0.0\r\nFinal-recipient: rfc822;full@example.org\r\n"
+        b"Diagnostic-code: smtp; 552 5.2.2 Mailbox full\r\n"
+    )
+    reports = parse_report(raw, return_path_domain=DOMAIN)
+    assert [(r.recipient, r.bounce_class) for r in reports] == [
+        ("gone@example.org", BounceClass.HARD_BOUNCE),
+        ("full@example.org", BounceClass.SOFT_BOUNCE),
+    ]
+
+
+def test_sendmail_transcript_lines_name_each_recipient_with_its_own_reason():
+    raw = (
+        b"From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.net>\r\n"
+        b"To: bounces@eob.example.com\r\nSubject: Returned mail: Host unknown\r\n\r\n"
+        b"   ----- Transcript of session follows -----\r\n"
+        b"550 example.or.jp (smtp)... 550 Host unknown\r\n"
+        b"554 <gone@example.or.jp>... 550 Host unknown (Authoritative answer from name server)\r\n"
+        b"While talking to mx.example.co.jp:\r\n>>> RCPT To:<nobody@example.co.jp>\r\n"
+        b"<<< 421 Connection reset by peer\r\n"
+        b"554 <full@example.co.jp>... 452 4.2.2 Mailbox full\r\n"
+        b"\r\n   ----- Unsent message follows -----\r\n"
+    )
+    found = {r.recipient: r.bounce_class for r in parse_report(raw, return_path_domain=DOMAIN)}
+    assert found["gone@example.or.jp"] == BounceClass.HARD_BOUNCE
+    assert found["full@example.co.jp"] == BounceClass.SOFT_BOUNCE
+
+
+def test_a_full_or_congested_system_is_a_retry_at_any_stage():
+    # RFC 5321 452 insufficient system storage; RFC 3463 X.3.1 and X.4.5.
+    for text in (
+        "452 4.4.5 Insufficient disk space; try again later",
+        "452 4.3.1 Mail system full",
+    ):
+        assert classify("4.4.7", text, SmtpStage.MAIL) == BounceClass.SOFT_BOUNCE
+    assert classify("4.0.0", "421 Too many errors", SmtpStage.CONNECT) == BounceClass.POLICY_BLOCK
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Nothing but the RFC 5321 basic reply code explains these.
+        ("551 please use mx2.example.org instead", BounceClass.HARD_BOUNCE),
+        ("553 sorry, that name is not allowed here", BounceClass.HARD_BOUNCE),
+        ("552 requested action aborted", BounceClass.SOFT_BOUNCE),
+        ("451 local problem, requested action aborted", BounceClass.SOFT_BOUNCE),
+        ("554 transaction failed", BounceClass.UNKNOWN),
+    ],
+)
+def test_the_basic_reply_code_decides_when_nothing_else_does(text, expected):
+    assert classify(None, text, None) == expected

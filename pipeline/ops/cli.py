@@ -18,6 +18,7 @@ from pipeline.config import Settings, load_settings
 from pipeline.ops.exits import Attention, EobGroup
 from pipeline.ops.loop import repeat
 from pipeline.stages import STAGES
+from pipeline.records.bounce_classes import RECLASSIFY_TO
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -469,6 +470,23 @@ def review_add_user(
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"{username}: {role}")
+
+
+@review.command("reclassify")
+@click.argument("bounce_id", type=int)
+@click.argument("bounce_class", metavar="CLASS", type=click.Choice([str(c) for c in RECLASSIFY_TO]))
+@click.option("--actor", required=True, help="Who read the report.")
+@click.pass_obj
+def review_reclassify(settings: Settings, bounce_id: int, bounce_class: str, actor: str) -> None:
+    """Say what an `unknown` report BOUNCE_ID was (audited); the returns loop applies it."""
+    from pipeline.records.bounce_classes import BounceClass
+    from pipeline.returns import deadlines
+
+    _case_action(
+        settings,
+        lambda s: deadlines.reclassify(s, bounce_id, BounceClass(bounce_class), actor=actor),
+    )
+    click.echo(f"bounce {bounce_id}: {bounce_class}")
 
 
 @main.command("console")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -36,6 +39,16 @@ class BounceClass(StrEnum):
     """An ordinary message that reached the return path."""
     UNKNOWN = "unknown"
     """A failure no rule explains."""
+
+
+# What operations may say an `unknown` report was, after reading it.
+RECLASSIFY_TO = (
+    BounceClass.HARD_BOUNCE,
+    BounceClass.SOFT_BOUNCE,
+    BounceClass.POLICY_BLOCK,
+    BounceClass.AUTO_REPLY,
+    BounceClass.NOT_BOUNCE,
+)
 
 
 class SmtpStage(StrEnum):
@@ -163,14 +176,44 @@ def smtp_stage(text: str | None) -> SmtpStage | None:
     return min(found)[1] if found else None
 
 
+@dataclass
+class RuleUse:
+    """Which rules may decide, and which did: how the agreement benchmark measures a rule's
+    worth on files it was not written for (rules disabled while a group of files is held out)."""
+
+    # Indices into Rules.rules that classify() skips.
+    disabled: frozenset[int] = frozenset()
+    # Indices of the rules that decided a classify() call.
+    decided: set[int] = field(default_factory=set)
+
+
+_RULE_USE: ContextVar[RuleUse | None] = ContextVar("bounce_rule_use", default=None)
+
+
+@contextmanager
+def rule_use(disabled: frozenset[int] = frozenset()) -> Iterator[RuleUse]:
+    """Classify with `disabled` rules skipped, recording the rules that decide."""
+    use = RuleUse(disabled)
+    token = _RULE_USE.set(use)
+    try:
+        yield use
+    finally:
+        _RULE_USE.reset(token)
+
+
 def classify(
     status: str | None, text: str | None, stage: SmtpStage | None = None, hosts: str = ""
 ) -> BounceClass:
     """The first rule matching the enhanced status code, the reply text, the SMTP stage and the
     mail hosts the report names (see `mail_hosts`)."""
     flat = " ".join((text or "").split())
-    for rule in load_rules().rules:
+    use = _RULE_USE.get()
+    for index, rule in enumerate(load_rules().rules):
+        if use is not None and index in use.disabled:
+            continue
         if rule.matches(status, flat, stage, hosts):
+            if use is not None:
+                use.decided.add(index)
             return rule.bounce_class
     return BounceClass.UNKNOWN
 

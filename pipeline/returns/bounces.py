@@ -118,12 +118,15 @@ def parse_report(raw: bytes, *, return_path_domain: str) -> list[BounceReport]:
         # Kept (ledger only) so reconcile can tell a "this is not me" reply.
         excerpt = mailtext.excerpt(human)
         return [report(0, ReportKind.NOT_BOUNCE, findings.Finding(diagnostic=excerpt))]
-    # Mailman's detectors tell a delay warning (temporary) from a final failure (permanent);
-    # when none of them knows the format, the original's recipients the report names.
+    # Mailman's detectors tell a delay warning (temporary) from a final failure (permanent),
+    # and Sendmail's transcript lines name the recipients they miss; when none of them knows
+    # the format, the original's recipients the report names.
+    detected = {r.lower() for r in permanent | temporary}
     found: list[tuple[str | None, Finality | None]] = (
         [
             *((r, Finality.FAILED) for r in sorted(permanent)),
             *((r, Finality.DELAYED) for r in sorted(temporary)),
+            *((r, None) for r in _sendmail_listed(human) if r.lower() not in detected),
         ]
         or [(r, None) for r in _named_recipients(message, human)]
         or [(None, None)]
@@ -164,6 +167,15 @@ def _named_recipients(message: Message, human: str) -> list[str]:
 
 
 _ADDRESS = r"[\w.+'=%-]+@[\w-]+(?:\.[\w-]+)+"
+# Sendmail's per-recipient error line: "550 <address>... reason" (every Sendmail version's
+# transcript and its imitators').
+_SENDMAIL_LINE = re.compile(rf"^[45]\d\d <?({_ADDRESS})>?\.\.\. ", re.MULTILINE)
+
+
+def _sendmail_listed(human: str) -> list[str]:
+    return list(dict.fromkeys(_SENDMAIL_LINE.findall(human)))
+
+
 # An address that begins a line of a report, or follows "RCPT TO:" in a transcript.
 _LISTED_ADDRESS = re.compile(rf"(?:^|rcpt to:)\s*<?({_ADDRESS})>?", re.IGNORECASE | re.MULTILINE)
 # Else an address in angle brackets anywhere in the report's words ("... in <list@example.org>").
@@ -230,6 +242,14 @@ _DELIVERY_STATUS = "message/delivery-status"
 # A delivery-status part in a report's text: its header line, and the MIME boundary after it.
 _UNPARSED_STATUS = re.compile(r"^content-type:\s*message/delivery-status[^\n]*\n", re.I | re.M)
 _BOUNDARY_LINE = re.compile(r"^\s*--\S+\s*$", re.MULTILINE)
+# RFC 3464 fields written into a report's text instead of a delivery-status part (Sun/Oracle
+# Messaging Server): from the first per-message or per-recipient field on, when the text has
+# both a recipient and an Action field.
+_TEXT_STATUS_START = re.compile(
+    r"^(reporting-mta|original-envelope-id|final-recipient|original-recipient):", re.I | re.M
+)
+_TEXT_STATUS_FIELDS = re.compile(r"^final-recipient:.*?^action:|^action:.*?^final-recipient:",
+                                 re.I | re.M | re.S)  # fmt: skip
 
 
 def _status_part(message: Message) -> tuple[Message | None, Message]:
@@ -237,15 +257,20 @@ def _status_part(message: Message) -> tuple[Message | None, Message]:
 
     The report's part; else that of a DSN forwarded whole as text (a provider's helpdesk quoting
     the bounce it received); else one whose MIME structure does not parse (an indented boundary
-    line), read from the text.
+    line), or whose fields are written in the text itself, read from the text.
     """
     if (part := mailtext.part(message, _DELIVERY_STATUS)) is not None:
         return part, message
     quoted = _quoted_message(message)
     if quoted is not None and (part := mailtext.part(quoted, _DELIVERY_STATUS)) is not None:
         return part, quoted
-    if found := _UNPARSED_STATUS.search(body := mailtext.body_text(message)):
-        fields = _BOUNDARY_LINE.split(body[found.end() :], maxsplit=1)[0]
+    body = mailtext.body_text(message)
+    found = _UNPARSED_STATUS.search(body)
+    start = found.end() if found else None
+    if start is None and _TEXT_STATUS_FIELDS.search(body):
+        start = m.start() if (m := _TEXT_STATUS_START.search(body)) else None
+    if start is not None:
+        fields = _BOUNDARY_LINE.split(body[start:], maxsplit=1)[0]
         unparsed = Message()
         unparsed.set_payload(fields)
         return unparsed, message

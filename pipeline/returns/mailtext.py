@@ -71,7 +71,8 @@ def about(text: str, recipient: str, recipients: Sequence[str] = (), span: int =
     """The words a report says about one recipient, else all of them.
 
     From the start of the line that names it (some MTAs write "reason: address") to where the
-    report names another recipient, at most `span` characters on.
+    report names another recipient or a Sendmail transcript turns to another host ("While
+    talking to ..."), at most `span` characters on.
     """
     lowered = text.lower()
     at = lowered.find(recipient.lower())
@@ -79,13 +80,16 @@ def about(text: str, recipient: str, recipients: Sequence[str] = (), span: int =
         return flat(text)
     line_start = text.rfind("\n", 0, at) + 1
     end = at + span
+    if (next_host := lowered.find("\nwhile talking to ", at)) >= 0:
+        end = min(end, next_host)
     for other in recipients:
         next_at = lowered.find(other.lower(), at + len(recipient))
         if other.lower() == recipient.lower() or not 0 <= next_at < end:
             continue
-        # A line that begins with another recipient ends ours; "(generated from <other>)" not.
+        # A line that begins with another recipient (after a reply code: Sendmail's "550
+        # <other>...") ends ours; "(generated from <other>)" not.
         other_line = text.rfind("\n", 0, next_at) + 1
-        if other_line > at and not text[other_line:next_at].strip(" <\"'"):
+        if other_line > at and not text[other_line:next_at].strip(" <\"'0123456789"):
             end = other_line
     return flat(text[line_start:end])
 

@@ -57,12 +57,18 @@ class Policy:
     rate_window: timedelta = timedelta(hours=24)
     cases: cases.CasePolicy = cases.CasePolicy()
     misdelivery: re.Pattern[str] = re.compile(r"not me", re.IGNORECASE)
+    # How long a failure may wait on operations before its statement gets a case
+    # (pipeline.returns.deadlines), and an open case before its statement goes to print.
+    unknown_review: timedelta = timedelta(hours=24)
+    policy_block_ack: timedelta = timedelta(hours=24)
+    case_due: timedelta = timedelta(hours=120)
 
 
 def load_policy(path: Path = POLICY_FILE) -> Policy:
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
     try:
         soft, rate, case = raw["soft_bounce"], raw["bounce_rate"], raw["cases"]
+        waits = raw["deadlines"]
         policy = Policy(
             soft_max_bounces=int(soft["max_bounces"]),
             soft_max_age=timedelta(hours=float(soft["max_age_hours"])),
@@ -75,6 +81,9 @@ def load_policy(path: Path = POLICY_FILE) -> Policy:
                 max_failures=int(case["max_failures"]),
             ),
             misdelivery=re.compile(raw["misdelivery"]["reply_text"], re.IGNORECASE),
+            unknown_review=timedelta(hours=float(waits["unknown_review_hours"])),
+            policy_block_ack=timedelta(hours=float(waits["policy_block_ack_hours"])),
+            case_due=timedelta(hours=float(waits["case_due_hours"])),
         )
     except (KeyError, TypeError, ValueError, re.error) as err:
         raise ConfigError(f"{path.name}: missing or invalid setting {err}") from err
@@ -121,20 +130,15 @@ def reconcile_bounce(session: Session, bounce: Bounce, policy: Policy) -> bool:
         _mark_bounced(session, message, bounce)
         if cls == BounceClass.HARD_BOUNCE:
             _suppress(session, message.recipient, bounce)
-        return _open_or_reopen_case(session, message, bounce, policy)
-    # auto_reply, not_bounce, unknown: recorded above; unknown waits for review.
+        return open_or_reopen_case(session, message, _why(bounce), policy)
+    # auto_reply, not_bounce, unknown: recorded above; unknown waits for review, and
+    # pipeline.returns.deadlines gives the statement a case when review takes too long.
     return False
 
 
 def _mark_bounced(session: Session, message: Message, bounce: Bounce) -> None:
     if message.state == MessageState.ACCEPTED:
-        transition_message(
-            session,
-            message,
-            MessageState.BOUNCED,
-            actor=ACTOR,
-            reason=f"{bounce.bounce_class} {bounce.status_code or ''}".strip(),
-        )
+        transition_message(session, message, MessageState.BOUNCED, actor=ACTOR, reason=_why(bounce))
 
 
 def _soft_limit_reached(session: Session, message: Message, policy: Policy) -> bool:
@@ -158,7 +162,7 @@ def _soft_limit_reached(session: Session, message: Message, policy: Policy) -> b
 def _misdelivered(session: Session, message: Message, bounce: Bounce, why: str) -> bool:
     """Suspected misdelivery: suppress the address, print instead, open an incident."""
     _suppress(session, message.recipient, bounce)
-    opened = _open_or_reopen_case(session, message, bounce, None)
+    opened = open_or_reopen_case(session, message, _why(bounce), None)
     case = session.get_one(ResendCase, message.case_id or case_id_for(message.message_id))
     if case.state not in (CaseState.PRINT_FALLBACK, CaseState.CLOSED):
         transition_case(session, case, CaseState.PRINT_FALLBACK, actor=ACTOR, reason=why)
@@ -186,9 +190,15 @@ def _suppress(session: Session, address: str, bounce: Bounce) -> None:
         audit(session, "address_suppressed", "message", bounce.message_id or "", actor=ACTOR)
 
 
-def _open_or_reopen_case(
-    session: Session, message: Message, bounce: Bounce, policy: Policy | None
+def _why(bounce: Bounce) -> str:
+    return f"{bounce.bounce_class} {bounce.status_code or ''}".strip()
+
+
+def open_or_reopen_case(
+    session: Session, message: Message, reason: str, policy: Policy | None
 ) -> bool:
+    """A verify-before-resend case for the failed attempt (a resend's own case reopened when
+    a policy is given); True when one was opened."""
     if message.case_id is not None:
         case = session.get_one(ResendCase, message.case_id)
         if policy is not None and case.state in (CaseState.RESEND_PLANNED, CaseState.RESENT):
@@ -206,7 +216,7 @@ def _open_or_reopen_case(
             state=CaseState.NEEDS_VERIFICATION,
             opened_at=now,
             updated_at=now,
-            reason=f"{bounce.bounce_class} {bounce.status_code or ''}".strip(),
+            reason=reason,
         )
     )
     session.flush()
@@ -315,6 +325,8 @@ def acknowledge_alert(session: Session, alert_id: int, *, actor: str, policy: Se
             continue
         if is_suppressed(session, old.recipient):
             continue
+        if session.get(ResendCase, case_id_for(old.message_id)) is not None:
+            continue  # not acknowledged in time: its case decides now
         latest = session.scalar(
             select(func.max(Message.attempt)).where(Message.statement_id == old.statement_id)
         )

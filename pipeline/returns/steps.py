@@ -14,7 +14,7 @@ from pipeline.records.ledger.models import (
     Message,
 )
 from pipeline.records.run_context import LedgerContext
-from pipeline.returns import bounces, cases, collect, reconcile
+from pipeline.returns import bounces, cases, collect, deadlines, reconcile
 
 
 def collect_bounces(ctx: LedgerContext) -> dict[str, int]:
@@ -74,7 +74,9 @@ def reconcile_bounces(ctx: LedgerContext) -> dict[str, int]:
             counts["bounces"] += 1
             counts["resend_cases_opened"] += reconcile.reconcile_bounce(session, bounce, policy)
         rates = reconcile.monitor_bounce_rates(session, policy)
-    return counts | {f"bounce_rate_{level}": n for level, n in rates.items()}
+        # Failures no bounce settled in time get a case, overdue cases go to print.
+        swept = deadlines.sweep(session, policy)
+    return counts | {f"bounce_rate_{level}": n for level, n in rates.items()} | swept
 
 
 def plan_resends(ctx: LedgerContext) -> dict[str, int]:
