@@ -17,8 +17,8 @@ from rich.table import Table
 from pipeline.config import Settings, load_settings
 from pipeline.ops.exits import Attention, EobGroup
 from pipeline.ops.loop import repeat
-from pipeline.stages import STAGES
 from pipeline.records.bounce_classes import RECLASSIFY_TO
+from pipeline.stages import STAGES
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
