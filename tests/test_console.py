@@ -65,6 +65,9 @@ def console(tmp_path: Path) -> Iterator[tuple[str, Settings, str]]:
 
 @pytest.fixture
 def browser() -> Iterator[object]:
+    # The console answers in milliseconds; Playwright's 5 s default is too tight only on a
+    # machine busy with other work (CI's other tests), so assertions wait up to 20 s.
+    playwright_api.expect.set_options(timeout=20_000)
     profile = tempfile.mkdtemp(prefix="eob-chromium-")
     with playwright_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(

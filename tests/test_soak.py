@@ -243,9 +243,11 @@ def test_soak_loops_killed_at_random_lose_nothing_and_duplicate_only_when_marked
             or statement.statement_id in case_statements
             or statement.channel == "print"
         ), statement.statement_id
-    # The refusals and late DSNs became cases, and only those.
+    # The refusals and late DSNs became cases; so did statements whose address was suppressed
+    # (by an earlier drop's bounce) after their statement was made; nothing else did.
     bounced = {m.statement_id for m in messages if m.state == MessageState.BOUNCED}
-    assert bounced == case_statements
+    suppressed = {m.statement_id for m in messages if m.state == MessageState.SUPPRESSED}
+    assert bounced <= case_statements <= bounced | suppressed
     assert any(receiver.refused(m.recipient) for m in messages if m.state == "bounced")
     assert any(receiver.late_dsn(m.recipient) for m in messages if m.state == "bounced")
     print(

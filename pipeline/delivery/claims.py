@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from uuid import uuid4
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from pipeline.records.ledger.models import Message
@@ -67,14 +67,20 @@ def recover_interrupted(session: Session, owner: Owner) -> int:
     """Messages left in `sending` by a pass that is gone may or may not have reached the
     server: each is deferred for another attempt and marked a possible duplicate
     (at-least-once). A live pass's claims are left alone. Returns how many were recovered."""
-    stuck = session.scalars(
-        select(Message)
-        .where(Message.state == MessageState.SENDING)
-        .with_for_update(skip_locked=True)
-    ).all()
-    owners = {m.claimed_by for m in stuck}
+    sending = Message.state == MessageState.SENDING
+    owners = set(session.scalars(select(Message.claimed_by).where(sending).distinct()))
     gone = owners if owner.alone else {o for o in owners if o is None or _is_gone(session, o)}
-    recovered = [m for m in stuck if m.claimed_by in gone]
+    if not gone:
+        return 0
+    # Only the rows of passes that are gone are locked: locking a live pass's in-flight rows
+    # would make its next group commit wait on this transaction, which may itself wait on a
+    # row that pass holds (a deadlock between two passes).
+    of_gone: ColumnElement[bool] = Message.claimed_by.in_(gone - {None})
+    if None in gone:
+        of_gone = or_(of_gone, Message.claimed_by.is_(None))
+    recovered = session.scalars(
+        select(Message).where(sending, of_gone).with_for_update(skip_locked=True)
+    ).all()
     for message in recovered:
         message.possible_duplicate = True
         transition_message(

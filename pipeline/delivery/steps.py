@@ -153,6 +153,8 @@ class _DeliverPass:
         self.parts: dict[str, _EmailParts] = {}
         self.claimable: dict[str, tuple[MessageState, int]] = {}
         self.resends: set[str] = set()
+        # Messages this pass has claimed: their results are its own to write.
+        self.claimed: set[str] = set()
         self.progress: Iterator[object] = iter(())
 
     def run(self) -> dict[str, int]:
@@ -229,23 +231,40 @@ class _DeliverPass:
         row by row with what they entail. Returns the claims refused."""
         claims = {e.message.message_id for e in events if isinstance(e, Claim)}
         results = [e for e in events if isinstance(e, SendResult)]
-        accepted = [
-            MessageMove(r.message_id, MessageState.SENDING, f"SMTP {r.code}",
-                        {"smtp_code": r.code, "smtp_reply": r.reply})
-            for r in results if r.outcome == Outcome.ACCEPTED and r.message_id not in self.resends
-        ]  # fmt: skip
-        held = [r for r in results if r.outcome == Outcome.HELD]
-        outcomes = [Outcome.ACCEPTED.value] * len(accepted) + [Outcome.HELD.value] * len(held)
+        # Results for messages this pass never claimed (a suspended lane's held queue, and
+        # messages that could not be composed): another pass may be claiming them right now.
+        # Only those still as this pass read them, locked without waiting, are written; the
+        # others belong to that pass (waiting on its row locks could deadlock the two).
+        unclaimed = {
+            r.message_id
+            for r in results
+            if r.outcome == Outcome.HELD
+            or (r.outcome == Outcome.FAILED and r.message_id not in self.claimed)
+        }
         with self.ctx.sessions.begin() as session:
-            granted = grant_claims(session, {m: self.claimable[m] for m in claims})
-            suppressed = suppressed_among(session, granted.values())
-            late = {m for m, recipient in granted.items() if recipient.lower() in suppressed}
+            granted = grant_claims(
+                session, {m: self.claimable[m] for m in claims | unclaimed if m in self.claimable}
+            )
+            results = [
+                r for r in results if r.message_id not in unclaimed or r.message_id in granted
+            ]
+            accepted = [
+                MessageMove(r.message_id, MessageState.SENDING, f"SMTP {r.code}",
+                            {"smtp_code": r.code, "smtp_reply": r.reply})
+                for r in results
+                if r.outcome == Outcome.ACCEPTED and r.message_id not in self.resends
+            ]  # fmt: skip
+            held = [r for r in results if r.outcome == Outcome.HELD]
+            outcomes = [Outcome.ACCEPTED.value] * len(accepted) + [Outcome.HELD.value] * len(held)
+            to_claim = {m: granted[m] for m in claims if m in granted}
+            suppressed = suppressed_among(session, to_claim.values())
+            late = {m for m, recipient in to_claim.items() if recipient.lower() in suppressed}
             transition_messages(session, [
                 MessageMove(m, self.claimable[m][0], "address suppressed") for m in late
             ], MessageState.SUPPRESSED, actor="send")  # fmt: skip
             claimed = [
                 MessageMove(m, state, values={"tries": tries + 1, "claimed_by": self.owner.name})
-                for m in granted.keys() - late
+                for m in to_claim.keys() - late
                 for state, tries in [self.claimable[m]]
             ]
             transition_messages(session, claimed, MessageState.SENDING, actor="send")
@@ -256,10 +275,11 @@ class _DeliverPass:
                 if result.message_id not in bulk:
                     message = session.get_one(Message, result.message_id)
                     outcomes.append(record_result(session, message, result, self.policy))
+        self.claimed |= to_claim.keys() - late
         for outcome in outcomes + ["suppressed"] * len(late):
             self.counts[outcome] += 1
             next(self.progress, None)
-        return claims - (granted.keys() - late)
+        return claims - (to_claim.keys() - late)
 
 
 def _ledger_failure(err: SQLAlchemyError) -> LedgerError:
