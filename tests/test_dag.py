@@ -5,7 +5,8 @@ intake DAG run resumes its ledger run instead of starting another.
 Airflow reads its configuration (AIRFLOW_HOME, metadata DB) once, at import. So a small
 driver script parses the DAGs and runs them, in a fresh interpreter with a temporary
 AIRFLOW_HOME and SQLite metadata DB (nothing leaks into ~/airflow), and the tests read its
-result. Parsing and the runs take about a minute, so the tests share one driver run.
+result. Parsing and the runs take about 20 s, so the tests share one driver run; the
+import-time test measures `import airflow.sdk` alone and with the DAG folder.
 """
 
 from __future__ import annotations
@@ -30,6 +31,27 @@ REPO = Path(__file__).resolve().parent.parent
 DAGS = REPO / "dags"
 INTAKE_TASKS = ["wait_for_drop", "ingest", "validate", "statements", "render", "plan"]
 
+# Parsing stays fast: the DAG files import `airflow.sdk` and the light `pipeline.stages`, never
+# the pipeline's heavy libraries (those load inside the tasks). Measured in fresh interpreters,
+# each twice and the faster kept: the machine running the tests is busy.
+HEAVY = ["pandas", "pyarrow", "great_expectations", "reportlab", "duckdb", "pipeline.runner"]
+
+# argv: "sdk" imports airflow.sdk alone; "dags" then imports every module of the DAG folder.
+_MEASURE = r"""
+import importlib, json, sys, time
+from pathlib import Path
+
+started = time.perf_counter()
+import airflow.sdk
+
+if sys.argv[1] == "dags":
+    for path in sorted(Path(sys.argv[2]).glob("*.py")):
+        importlib.import_module(path.stem)
+seconds = time.perf_counter() - started
+print("RESULT " + json.dumps({"seconds": seconds, "modules": list(sys.modules)}))
+"""
+
+
 # Runs inside the fresh interpreter; prints one "RESULT <json>" line for the test to read.
 # Airflow 3.3 facts it relies on: the dags-folder bundle's DagBag (BundleDagBag) puts the
 # folder on sys.path, as the dag-processor and task runner do (eob_common is imported from
@@ -37,13 +59,14 @@ INTAKE_TASKS = ["wait_for_drop", "ingest", "validate", "statements", "render", "
 # runs); a second dag.test() on the same logical date and run_after replaces the DAG run: the same
 # run id, its task instances and XComs gone: a re-run of the whole DAG run.
 _DRIVER = r"""
-import json, sys, time
+import json, shutil, sys, time
 from datetime import UTC, datetime
+from pathlib import Path
 
 started = time.monotonic()
 from airflow.dag_processing.dagbag import BundleDagBag
 
-dags_folder, drop = sys.argv[1:3]
+dags_folder, drop, sample = sys.argv[1:4]
 bag = BundleDagBag(dag_folder=dags_folder, bundle_path=dags_folder, bundle_name="dags-folder")
 out = {"import_errors": bag.import_errors, "parse_seconds": round(time.monotonic() - started, 1)}
 
@@ -75,6 +98,25 @@ out["dags"] = {
     }
     for dag in bag.dags.values()
 }
+
+
+def failure_log():
+    # The failure callback with a fake context: what it logs of an error carrying a value.
+    import logging
+    from types import SimpleNamespace
+
+    from eob_common import log_failure  # on sys.path: the bundle's folder
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("eob.airflow").addHandler(handler)
+    ti = SimpleNamespace(dag_id="eob_intake", task_id="render", run_id="manual__x", try_number=2)
+    log_failure({"ti": ti, "exception": ValueError("member SECRET-VALUE-42")})
+    return [record.getMessage() for record in records]
+
+
+out["failure_log"] = failure_log()
 
 if not bag.import_errors:
     from airflow.models.asset import AssetEvent, AssetModel
@@ -129,8 +171,11 @@ if not bag.import_errors:
         out["intake_rerun"] = run("eob_intake", **intake)
         out["deliver"] = run("eob_deliver")
         out["returns"] = run("eob_returns")
-        # Cleared once more after it finished (landing now empty): still the same ledger run.
+        # Cleared once more after it finished, a new drop landed meanwhile: still the same
+        # ledger run, which does not take the new drop in (the next DAG run will).
+        shutil.copytree(sample, drop, dirs_exist_ok=True)
         out["intake_rerun_finished"] = run("eob_intake", **intake)
+        out["landing_files"] = sum(p.is_file() for p in Path(drop).rglob("*"))
     out["ledger"] = ledger_runs()
     with create_session() as session:
         out["asset_events"] = dict(
@@ -150,27 +195,35 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _airflow_env(home: Path, **settings: str) -> dict[str, str]:
+    # A clean environment: no outside AIRFLOW__/EOB_ setting may steer the interpreter.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "EOB_"))}
+    return env | {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PYTHONPATH": str(REPO),  # `pipeline` importable by the DAG files and the tasks
+        **settings,
+    }
+
+
 @pytest.fixture(scope="module")
 def driven(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("dag")
     home = tmp / "airflow_home"
     home.mkdir()
     # The bundled sample drop, copied: the run must not touch files in the repository.
-    drop = shutil.copytree(REPO / "data_samples" / "landing", tmp / "drop")
-    # Start from a clean environment: no outside AIRFLOW__/EOB_ setting may steer the run.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "EOB_"))}
-    env.update(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+    sample = REPO / "data_samples" / "landing"
+    drop = shutil.copytree(sample, tmp / "drop")
+    env = _airflow_env(
+        home,
         AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
-        PYTHONPATH=str(REPO),  # `pipeline` importable by the DAG files and the tasks
         EOB_DATA_DIR=str(tmp / "eob"),
         EOB_SMTP_HOST="127.0.0.1",
         EOB_SMTP_PORT=str(_free_port()),
     )
     proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(DAGS), str(drop)],
+        [sys.executable, "-c", _DRIVER, str(DAGS), str(drop), str(sample)],
         cwd=tmp,
         env=env,
         capture_output=True,
@@ -251,6 +304,8 @@ def test_intake_rerun_resumes_the_same_ledger_run(driven: dict) -> None:
     sent = driven["deliver"]["xcom"]["send"]["accepted"]
     assert again["xcom"]["finish_run"] == rerun["xcom"]["finish_run"] | {"messages_accepted": sent}
     assert driven["ledger"] == [{"run_id": ledger_run, "finished": True, "last": "plan"}]
+    assert again["xcom"]["ingest"] == {}
+    assert driven["landing_files"] > 0  # the later drop waits for the next DAG run
     for result in (first, rerun, again):
         _ids_and_counts_only(result["xcom"])
 
@@ -269,3 +324,37 @@ def test_deliver_then_returns_send_and_publish_datasets(driven: dict) -> None:
     events = driven["asset_events"]
     assert events["eob_delivery_facts"] == events["eob_audit_events"] == 1
     assert events["eob_plan"] >= 1
+
+
+def test_failure_callback_logs_ids_only(driven: dict) -> None:
+    [line] = driven["failure_log"]
+    assert "eob_intake" in line and "render" in line and "manual__x" in line, line
+    assert "ValueError" in line and "SECRET-VALUE-42" not in line, line
+
+
+def _measure(what: str, tmp_path: Path) -> dict:
+    # As Airflow's dags-folder bundle does: the folder on sys.path, for eob_common.
+    env = _airflow_env(tmp_path, PYTHONPATH=os.pathsep.join([str(REPO), str(DAGS)]))
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEASURE, what, str(DAGS)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        runs.append(json.loads(line.removeprefix("RESULT ")))
+    return min(runs, key=lambda run: run["seconds"])
+
+
+def test_dag_folder_imports_within_a_second_of_airflow_sdk(tmp_path: Path) -> None:
+    sdk = _measure("sdk", tmp_path)
+    dags = _measure("dags", tmp_path)
+    extra = dags["seconds"] - sdk["seconds"]
+    print(f"import airflow.sdk: {sdk['seconds']:.2f} s; + DAG folder: {dags['seconds']:.2f} s")
+    assert {"eob_intake", "eob_deliver", "eob_returns"} <= set(dags["modules"])
+    assert [m for m in HEAVY if m in dags["modules"]] == []
+    assert extra < 1.0, f"the DAG folder adds {extra:.2f} s to importing airflow.sdk"
