@@ -49,6 +49,10 @@ def intake_run_for(settings: Settings, drop: Path, dag_run: str) -> str | None:
     if unfinished is None and not has_complete_file(drop):
         return None
     preflight(settings, INTAKE_STAGES, drop)
+    if unfinished is not None:
+        # Unlike `eob intake`, which refuses: here the failed DAG run already told the operator
+        # (red in the UI, the failure callback), and an unattended loop must not stall on it.
+        log.warning("run %s of this drop is unfinished: DAG run %s resumes it", unfinished, dag_run)
     run_id = unfinished or runner.start_run(settings, drop, INTAKE_STAGES)
     with sessions.begin() as session:
         audit(session, DAG_RUN_PAIRED, "run", run_id, actor="airflow", detail=dag_run)
