@@ -160,15 +160,20 @@ def _stages_to_resume(settings: Settings, run_id: str) -> tuple[tuple[str, ...],
     return stages_left({row.stage for row in rows}, completed), Path(run.drop)
 
 
+def unfinished_run(session: Session, drop: Path) -> str | None:
+    """The oldest unfinished run of the drop folder `drop`, if any."""
+    return session.scalars(
+        select(Run.run_id)
+        .where(Run.drop.in_({str(drop), str(drop.resolve())}), Run.finished_at.is_(None))
+        .order_by(Run.started_at)
+    ).first()
+
+
 def _new_run(settings: Settings, drop: Path, stages: Sequence[str]) -> str:
     """Start a run of `drop`, refused while an earlier run of the same folder is unfinished
     (its files may be half taken in: `eob resume` finishes it first)."""
     with ledger_sessions(settings.ledger_url)() as session:
-        unfinished = session.scalars(
-            select(Run.run_id)
-            .where(Run.drop.in_({str(drop), str(drop.resolve())}), Run.finished_at.is_(None))
-            .order_by(Run.started_at)
-        ).first()
+        unfinished = unfinished_run(session, drop)
     if unfinished is not None:
         raise RunRefused(
             f"run {unfinished} of this drop folder is unfinished: "

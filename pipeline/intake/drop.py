@@ -68,7 +68,7 @@ def scan_landing(drop: Path) -> Landing:
     for folder in sorted(p for p in drop.iterdir() if p.is_dir() and not p.name.startswith(".")):
         profile = load_profile(folder.name)
         for path in sorted(folder.iterdir()):
-            if not _is_complete(path, profile):
+            if not is_complete(path, profile):
                 continue
             mode = path.lstat().st_mode
             if not stat.S_ISREG(mode):
@@ -96,7 +96,7 @@ def _kind_of_entry(mode: int) -> str:
     return "a special file (fifo, socket or device), not a regular file"
 
 
-def _is_complete(path: Path, profile: InsurerProfile) -> bool:
+def is_complete(path: Path, profile: InsurerProfile) -> bool:
     name = path.name.lower()
     if name.startswith((".", "~")) or name.endswith(_TEMPORARY_SUFFIXES):
         return False

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from pipeline import runner
 from pipeline.config import Settings
-from pipeline.intake.drop import _is_complete
+from pipeline.intake.drop import is_complete
 from pipeline.intake.profiles import load_profile
 from pipeline.preflight import preflight
 from pipeline.records.datasets import write_datasets
@@ -41,11 +41,7 @@ def intake_run_for(settings: Settings, drop: Path, dag_run: str) -> str | None:
         ).first()
         if paired is not None:
             return paired
-        unfinished = session.scalars(
-            select(Run.run_id)
-            .where(Run.drop.in_({str(drop), str(drop.resolve())}), Run.finished_at.is_(None))
-            .order_by(Run.started_at)
-        ).first()
+        unfinished = runner.unfinished_run(session, drop)
     if unfinished is None and not has_complete_file(drop):
         return None
     preflight(settings, INTAKE_STAGES, drop)
@@ -68,7 +64,7 @@ def has_complete_file(drop: Path) -> bool:
     for folder in drop.iterdir():
         if folder.is_dir() and not folder.name.startswith("."):
             profile = load_profile(folder.name)
-            if any(_is_complete(path, profile) for path in folder.iterdir()):
+            if any(is_complete(path, profile) for path in folder.iterdir()):
                 return True
     return False
 
