@@ -88,6 +88,15 @@ def test_stage_by_stage_records_each_completed_stage(cli: CliRunner, tmp_path):
     assert "ingest" in row and "no" in row
 
 
+def test_a_narrow_terminal_still_shows_the_whole_run_id(
+    cli: CliRunner, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    # The id is what `eob resume` takes: a table cut to the terminal must not cut it.
+    run_id = cli.invoke(main, ["start", str(sample_drop(tmp_path))]).output.strip()
+    monkeypatch.setenv("COLUMNS", "60")
+    assert run_id in cli.invoke(main, ["runs"]).output
+
+
 def test_returns_every_runs_passes_until_sigterm_then_exits_0(tmp_path):
     import os
     import signal

@@ -139,7 +139,11 @@ def runs(settings: Settings, limit: int) -> None:
     """List runs: drop, start, finish, last completed stage, and what is pending."""
     from pipeline.ops.runs import run_statuses
 
-    table = Table("run", "drop", "started", "finished", "last stage", "pending")
+    table = Table()
+    # The run id is what `eob resume` takes: never cut, whatever the terminal's width.
+    table.add_column("run", no_wrap=True, min_width=22)
+    for heading in ("drop", "started", "finished", "last stage", "pending"):
+        table.add_column(heading)
     with _ledger(settings)() as session:
         for run in run_statuses(session, limit):
             table.add_row(
