@@ -13,7 +13,7 @@ from pipeline.delivery.policy import SendingPolicy
 from pipeline.delivery.send import Outcome, SendResult
 from pipeline.delivery.shaping import recipient_domain
 from pipeline.records.bounce_classes import ReportKind, smtp_rejection
-from pipeline.records.ledger import audit, raise_alert
+from pipeline.records.ledger import as_utc, audit, raise_alert
 from pipeline.records.ledger.models import Bounce, Message, Statement
 from pipeline.records.ledger.states import (
     MessageState,
@@ -65,8 +65,9 @@ def record_result(
     elif result.outcome == Outcome.DEFERRED:
         delay = policy.retry.delay(message.tries, result.retry_after)
         message.next_attempt_at = now + timedelta(seconds=delay)
-        created = message.created_at.replace(tzinfo=message.created_at.tzinfo or UTC)
-        if (message.next_attempt_at - created).total_seconds() > policy.retry.max_age_seconds:
+        if (
+            message.next_attempt_at - as_utc(message.created_at)
+        ).total_seconds() > policy.retry.max_age_seconds:
             transition_message(
                 session, message, MessageState.EXPIRED, actor=ACTOR, reason="retry max age"
             )

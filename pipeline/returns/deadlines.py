@@ -24,7 +24,7 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from pipeline.records.bounce_classes import RECLASSIFY_TO, BounceClass
-from pipeline.records.ledger import audit
+from pipeline.records.ledger import as_utc, audit
 from pipeline.records.ledger.models import Bounce, Message, ResendCase, Statement
 from pipeline.records.ledger.states import (
     CaseState,
@@ -56,7 +56,7 @@ def case_due_at(case: ResendCase, policy: Policy) -> datetime | None:
     closed."""
     if case.state not in WAITING:
         return None
-    return _aware(case.updated_at) + policy.case_due
+    return as_utc(case.updated_at) + policy.case_due
 
 
 def sweep(session: Session, policy: Policy, now: datetime | None = None) -> dict[str, int]:
@@ -125,7 +125,7 @@ def _unowned_failures(session: Session) -> list[Message]:
 def _due(session: Session, message: Message, policy: Policy) -> tuple[datetime, str] | None:
     """When the attempt's failure is due a case, and why; None while none is (a delivered
     report or no failure)."""
-    ended = _aware(message.updated_at)
+    ended = as_utc(message.updated_at)
     if message.case_id is not None and message.state != MessageState.ACCEPTED:
         return ended, f"resend {message.state}"
     if message.state in (MessageState.EXPIRED, MessageState.SUPPRESSED):
@@ -149,9 +149,9 @@ def _due(session: Session, message: Message, policy: Policy) -> tuple[datetime, 
     ):
         cls = BounceClass(bounce.bounce_class)
         if cls == BounceClass.SOFT_BOUNCE:
-            at = _aware(first_sent) + policy.soft_max_age
+            at = as_utc(first_sent) + policy.soft_max_age
         else:
-            at = _aware(bounce.received_at) + waits[cls]
+            at = as_utc(bounce.received_at) + waits[cls]
         dues.append((at, f"{cls} not resolved in time"))
     if not dues and message.state == MessageState.BOUNCED:
         return ended, "bounced"
@@ -188,8 +188,3 @@ def reclassify(session: Session, bounce_id: int, to: BounceClass, *, actor: str)
         detail=f"from=unknown to={to}",
     )
     return bounce
-
-
-def _aware(at: datetime) -> datetime:
-    # SQLite hands back naive datetimes; the ledger writes UTC.
-    return at if at.tzinfo else at.replace(tzinfo=UTC)

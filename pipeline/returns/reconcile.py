@@ -25,7 +25,7 @@ from pipeline.delivery.policy import DEFAULT_PROVIDER, SendingPolicy
 from pipeline.delivery.shaping import recipient_domain
 from pipeline.errors import ConfigError
 from pipeline.records.bounce_classes import BounceClass
-from pipeline.records.ledger import audit, is_suppressed, raise_alert
+from pipeline.records.ledger import as_utc, audit, is_suppressed, raise_alert
 from pipeline.records.ledger.models import (
     Bounce,
     DeliverabilityAlert,
@@ -155,7 +155,7 @@ def _soft_limit_reached(session: Session, message: Message, policy: Policy) -> b
         select(func.min(Message.created_at)).where(Message.statement_id == message.statement_id)
     )
     assert first is not None
-    age = datetime.now(UTC) - (first if first.tzinfo else first.replace(tzinfo=UTC))
+    age = datetime.now(UTC) - as_utc(first)
     return (soft or 0) >= policy.soft_max_bounces or age >= policy.soft_max_age
 
 
@@ -274,12 +274,12 @@ def monitor_bounce_rates(
         )
         .group_by(DeliverabilityAlert.source_ip, DeliverabilityAlert.provider)
     )
-    acknowledged = {(ip, provider): _aware(at) for ip, provider, at in rows if at is not None}
+    acknowledged = {(ip, provider): as_utc(at) for ip, provider, at in rows if at is not None}
     groups: dict[tuple[str, str], list[Message]] = {}
     for message in messages:
         route = (message.source_ip, recipient_domain(message.recipient))
         after = acknowledged.get(route)
-        if after is None or _aware(message.updated_at) > after:
+        if after is None or as_utc(message.updated_at) > after:
             groups.setdefault(route, []).append(message)
     counts = {"warn": 0, "pause": 0}
     for batch in groups.values():
@@ -292,11 +292,6 @@ def monitor_bounce_rates(
             _raise_alert(session, f"bounce_rate_{level}", batch[0], count=failed, rate=rate)
             counts[level] += 1
     return counts
-
-
-def _aware(at: datetime) -> datetime:
-    # SQLite hands back naive datetimes; the ledger writes UTC.
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def acknowledge_alert(session: Session, alert_id: int, *, actor: str, policy: SendingPolicy) -> int:

@@ -135,3 +135,9 @@ def raise_alert(
     alert.count = alert.count + count if rate is None else count
     alert.rate = rate
     return alert
+
+
+def as_utc(at: datetime) -> datetime:
+    """A ledger time as an aware UTC datetime: SQLite hands back naive ones (the ledger writes
+    UTC), PostgreSQL aware ones."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
